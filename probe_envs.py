@@ -150,18 +150,28 @@ class ScriptProbes:
 PROBE3_FLAGS = ["--gamma", "0.5"]
 SCRIPTS = {
     "ppo.py": ScriptProbes(
-        "", (1, 2, 3, 4, 5), ["--total-timesteps", "16384", "--learning-rate", "1e-3"], probe_flags={3: PROBE3_FLAGS}
+        "",
+        (1, 2, 3, 4, 5),
+        ["--total-timesteps", "16384", "--learning-rate", "1e-3"],
+        probe_flags={3: PROBE3_FLAGS},
     ),
     "reinforce.py": ScriptProbes("", (4, 5), ["--total-timesteps", "16384"], has_value=False),
-    "reinforce_baseline.py": ScriptProbes("", (1, 2, 3, 4, 5), ["--total-timesteps", "16384"], probe_flags={3: PROBE3_FLAGS}),
+    "reinforce_baseline.py": ScriptProbes(
+        "", (1, 2, 3, 4, 5), ["--total-timesteps", "16384"], probe_flags={3: PROBE3_FLAGS}
+    ),
     "ppo_continuous.py": ScriptProbes(
         "Continuous", (1, 2, 3, 4, 5), ["--total-timesteps", "16384"], probe_flags={3: PROBE3_FLAGS}
     ),
     "ppo_atari.py": ScriptProbes(
-        "Atari", (1, 2, 3, 4, 5), ["--total-timesteps", "8192", "--num-envs", "8"], probe_flags={3: PROBE3_FLAGS}
+        "Atari",
+        (1, 2, 3, 4, 5),
+        ["--total-timesteps", "8192", "--num-envs", "8"],
+        probe_flags={3: PROBE3_FLAGS},
     ),
     "ppo_procgen_impala.py": ScriptProbes(
-        "Procgen", (1, 2, 3, 4, 5), ["--total-timesteps", "8192", "--num-envs", "8", "--num-steps", "64"],
+        "Procgen",
+        (1, 2, 3, 4, 5),
+        ["--total-timesteps", "8192", "--num-envs", "8", "--num-steps", "64"],
         probe_flags={3: PROBE3_FLAGS},
     ),
 }
@@ -172,8 +182,23 @@ MEAN_TOL = 0.1  # continuous: |mean action - best action|
 
 def train(script: str, env_id: str, flags: list, run_dir: str, seed: int) -> dict:
     """Train one script on one probe; return its JSON summary (the last line of its stdout)."""
-    cmd = [sys.executable, script, "--env-id", f"probe_envs:{env_id}", "--seed", str(seed), "--save-model",
-           "--run-dir", run_dir, "--exp-name", "probe", "--no-progress", "--torch-threads", "1", *flags]
+    cmd = [
+        sys.executable,
+        script,
+        "--env-id",
+        f"probe_envs:{env_id}",
+        "--seed",
+        str(seed),
+        "--save-model",
+        "--run-dir",
+        run_dir,
+        "--exp-name",
+        "probe",
+        "--no-progress",
+        "--torch-threads",
+        "1",
+        *flags,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
@@ -237,20 +262,31 @@ def run_one(script: str, probe: int, run_dir: str, seed: int):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Train each script on its probe environments and check the results.")
-    parser.add_argument("--scripts", nargs="+", default=None, help="scripts to check (default: every one that exists)")
-    parser.add_argument("--probes", nargs="+", type=int, default=None, help="probe numbers (default: all that fit)")
+    parser = argparse.ArgumentParser(
+        description="Train each script on its probe environments and check the results."
+    )
+    parser.add_argument(
+        "--scripts", nargs="+", default=None, help="scripts to check (default: every one that exists)"
+    )
+    parser.add_argument(
+        "--probes", nargs="+", type=int, default=None, help="probe numbers (default: all that fit)"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="training runs at once")
-    parser.add_argument("--keep", metavar="DIR", default=None, help="keep the runs in DIR instead of a temp dir")
+    parser.add_argument(
+        "--keep", metavar="DIR", default=None, help="keep the runs in DIR instead of a temp dir"
+    )
     args = parser.parse_args(argv)
 
     here = os.path.dirname(os.path.abspath(__file__))
     scripts = args.scripts or [s for s in SCRIPTS if os.path.exists(os.path.join(here, s))]
     unknown = [s for s in scripts if s not in SCRIPTS or not os.path.exists(os.path.join(here, s))]
     if unknown:
-        print(f"error: no probe set for {', '.join(unknown)} (known and present: "
-              f"{', '.join(s for s in SCRIPTS if os.path.exists(os.path.join(here, s)))})", file=sys.stderr)
+        print(
+            f"error: no probe set for {', '.join(unknown)} (known and present: "
+            f"{', '.join(s for s in SCRIPTS if os.path.exists(os.path.join(here, s)))})",
+            file=sys.stderr,
+        )
         return 2
     jobs = [(s, p) for s in scripts for p in SCRIPTS[s].probes if args.probes is None or p in args.probes]
     run_dir = args.keep or tempfile.mkdtemp(prefix="probes-")
@@ -269,7 +305,9 @@ def main(argv=None) -> int:
             print(f"{script:<24}{env_id:<22}{'run':<18}{'':>10}{'':>10}{'':>7}  FAIL {error}")
         for name, want, got, tol, ok in rows:
             passed, failures = passed + ok, failures + (not ok)
-            print(f"{script:<24}{env_id:<22}{name:<18}{want:>10.3f}{got:>10.3f}{tol:>7.2f}  {'ok' if ok else 'FAIL'}")
+            print(
+                f"{script:<24}{env_id:<22}{name:<18}{want:>10.3f}{got:>10.3f}{tol:>7.2f}  {'ok' if ok else 'FAIL'}"
+            )
     print(f"probes: {passed} passed, {failures} failed")
     return 1 if failures else 0
 
