@@ -174,9 +174,8 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto"):
     if backend == "envpool" or (backend == "auto" and env_id in envpool.list_all_envs()):
         if env_id not in envpool.list_all_envs():
             raise UsageError(f"envpool has no environment '{env_id}'")
-        with (
-            warnings.catch_warnings()
-        ):  # envpool's float64 Box bounds make gymnasium warn when it builds spaces
+        # envpool's float64 Box bounds make gymnasium warn each time it builds the spaces
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*precision lowered.*")
             envs = envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
             envs.single_observation_space = envs.observation_space
@@ -513,14 +512,15 @@ def main(args: Args) -> dict:
     print(f"run: {run_path}  env: {args.env_id} ({envs.backend})  device: {device}", flush=True)
 
     # Storage, allocated once on the device.
+    # (T, N, obs_dim)
     obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape, device=device)
-    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
-    logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
-    # Rewards and episode ends arrive on the host; they are gathered there (num_steps, num_envs) and
-    # moved to the device once per rollout instead of once per step.
+    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)  # (T, N)
+    logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, N) log pi_old(a|s)
+    # Rewards and episode ends arrive on the host; they are gathered there and moved to the device once
+    # per rollout instead of once per step. All (T, N) = (num_steps, num_envs).
     rewards = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
-    terminations = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
-    dones = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
+    terminations = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)  # true ends: no bootstrap
+    dones = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)  # terminated or truncated
     # valid[t] = 0 marks the autoreset step after an episode end: the env ignored its action, so it
     # carries no information about the policy and must not enter the loss.
     valid = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
