@@ -27,7 +27,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields
-from typing import Literal
+from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -59,7 +59,7 @@ class Args:
     """if toggled, also log to Weights & Biases (imported only then)"""
     wandb_project_name: str = "rl-scripts"
     """the W&B project name"""
-    wandb_entity: str | None = None
+    wandb_entity: Optional[str] = None
     """the W&B entity (team or user); None uses your default"""
     capture_video: bool = False
     """if toggled, record the evaluation episodes (at least one) to `<run>/videos` (needs moviepy)"""
@@ -67,7 +67,7 @@ class Args:
     """if toggled, write `<run>/checkpoint.pt` every `--save-interval` iterations and at the end"""
     save_interval: int = 25
     """iterations between checkpoints with `--save-model`"""
-    resume: str | None = None
+    resume: Optional[str] = None
     """path of a checkpoint to continue from; its run's arguments are the defaults, flags given override them"""
     run_dir: str = "runs"
     """directory that holds one sub-directory per run"""
@@ -109,7 +109,7 @@ class Args:
     """the coefficient of the value loss"""
     max_grad_norm: float = 0.5
     """the maximum norm of the gradient; larger gradients are scaled down to it"""
-    target_kl: float | None = None
+    target_kl: Optional[float] = None
     """stop the epochs of an update early once an epoch's mean approximate KL exceeds it (0.01 to 0.05); None: off"""
     bootstrap_truncation: bool = True
     """bootstrap a time-limit truncation from V(final observation); off treats it as a termination (classic)"""
