@@ -15,8 +15,10 @@ When a script does not learn, run the probes first: the first probe that fails n
 Each probe comes in the observation shapes the scripts use (ids registered at import, so any script runs on
 them with `--env-id probe_envs:<Id>`):
 - `Probe{k}-v0`: vector observations, shape (1,), float32, discrete actions (ppo.py, reinforce*.py);
-- `Probe{k}Continuous-v0`: vector observations, one continuous action in [-1, 1] (Gaussian policies). In
-  probes 4 and 5 the reward is 1 - (a - a*)^2 with target a* = +0.5 (probe 4) or obs / 2 (probe 5);
+- `Probe{k}Continuous-v0`: vector observations, one unbounded continuous action (Gaussian policies). In
+  probes 4 and 5 the reward is 1 - (a - a*)^2 with target a* = +0.5 (probe 4) or obs / 2 (probe 5), so a
+  Gaussian policy N(mu, sigma) gets exactly 1 - sigma^2 - (mu - a*)^2 on average. (With bounds, clipping
+  would move the best mean away from a* while sigma is large; clipping is tested elsewhere.)
 - `Probe{k}Atari-v0`: (4, 84, 84) uint8 frames, discrete actions (ppo_atari.py);
 - `Probe{k}Procgen-v0`: (64, 64, 3) uint8 images, discrete actions (ppo_procgen_impala.py).
 An image encodes the scalar observation s in every pixel: s = -1, 0, +1 become 0, 128, 255.
@@ -59,7 +61,7 @@ class ProbeEnv(gym.Env):
         else:
             self.observation_space = gym.spaces.Box(0, 255, SHAPES[obs_format], np.uint8)
         if continuous:
-            self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+            self.action_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
         else:
             self.action_space = gym.spaces.Discrete(2 if probe >= 4 else 1)
         self._s, self._t = 0.0, 0
@@ -87,7 +89,7 @@ class ProbeEnv(gym.Env):
             reward, terminated = (1.0, True) if self._t == 2 else (0.0, False)
             self._s = 1.0
         elif self.continuous:  # probes 4 and 5, continuous: quadratic reward around the target action
-            a = float(np.clip(np.asarray(a).reshape(-1)[0], -1.0, 1.0))
+            a = float(np.asarray(a).reshape(-1)[0])
             reward, terminated = 1.0 - (a - self.best_action(s)) ** 2, True
         else:  # probes 4 and 5, discrete
             reward, terminated = (1.0 if int(a) == self.best_action(s) else -1.0), True
@@ -136,10 +138,10 @@ for _k in (1, 2, 3, 4, 5):
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class ScriptProbes:
-    """Which probes a script is checked on, the training budget, and whether it learns a value function."""
+    """Which probes a script is checked on ({family suffix: probe numbers}; the suffix is "", "Continuous",
+    "Atari" or "Procgen"), the training budget, and whether the script learns a value function."""
 
-    suffix: str  # the probe family: "", "Continuous", "Atari", "Procgen"
-    probes: tuple
+    families: dict
     flags: list
     has_value: bool = True
     probe_flags: dict = field(default_factory=dict)
@@ -148,29 +150,30 @@ class ScriptProbes:
 # Probe 3 runs with gamma = 0.5 so that the discount is visible: V(first state) = 0.5 against V(second) = 1.
 # (With the default 0.99 a value function that ignores discounting would pass.)
 PROBE3_FLAGS = ["--gamma", "0.5"]
+ALL = (1, 2, 3, 4, 5)
 SCRIPTS = {
     "ppo.py": ScriptProbes(
-        "",
-        (1, 2, 3, 4, 5),
-        ["--total-timesteps", "16384", "--learning-rate", "1e-3"],
-        probe_flags={3: PROBE3_FLAGS},
+        {"": ALL}, ["--total-timesteps", "16384", "--learning-rate", "1e-3"], probe_flags={3: PROBE3_FLAGS}
     ),
-    "reinforce.py": ScriptProbes("", (4, 5), ["--total-timesteps", "16384"], has_value=False),
+    # REINFORCE learns no value function: only the probes that test the policy (4 and 5) apply.
+    "reinforce.py": ScriptProbes(
+        {"": (4, 5), "Continuous": (4, 5)},
+        ["--total-timesteps", "32768", "--batch-size", "256"],
+        has_value=False,
+    ),
     "reinforce_baseline.py": ScriptProbes(
-        "", (1, 2, 3, 4, 5), ["--total-timesteps", "16384"], probe_flags={3: PROBE3_FLAGS}
+        {"": ALL, "Continuous": ALL},
+        ["--total-timesteps", "32768", "--batch-size", "256"],
+        probe_flags={3: PROBE3_FLAGS},
     ),
     "ppo_continuous.py": ScriptProbes(
-        "Continuous", (1, 2, 3, 4, 5), ["--total-timesteps", "16384"], probe_flags={3: PROBE3_FLAGS}
+        {"Continuous": ALL}, ["--total-timesteps", "16384"], probe_flags={3: PROBE3_FLAGS}
     ),
     "ppo_atari.py": ScriptProbes(
-        "Atari",
-        (1, 2, 3, 4, 5),
-        ["--total-timesteps", "8192", "--num-envs", "8"],
-        probe_flags={3: PROBE3_FLAGS},
+        {"Atari": ALL}, ["--total-timesteps", "8192", "--num-envs", "8"], probe_flags={3: PROBE3_FLAGS}
     ),
     "ppo_procgen_impala.py": ScriptProbes(
-        "Procgen",
-        (1, 2, 3, 4, 5),
+        {"Procgen": ALL},
         ["--total-timesteps", "8192", "--num-envs", "8", "--num-steps", "64"],
         probe_flags={3: PROBE3_FLAGS},
     ),
@@ -244,15 +247,16 @@ def check(script: str, spec: ScriptProbes, agent, env: ProbeEnv, gamma: float) -
                 mu = agent.actor_mean(x)[0, 0].item()
                 rows.append((f"mean a(s={s:+.0f})", best, mu, MEAN_TOL, abs(mu - best) <= MEAN_TOL))
             else:
-                _, logprob, _, _ = agent.get_action_and_value(x, torch.tensor([best]))
+                # PPO agents: get_action_and_value; REINFORCE agents: get_action_and_logprob
+                act = getattr(agent, "get_action_and_value", None) or agent.get_action_and_logprob
+                logprob = act(x, torch.tensor([best]))[1]
                 p = logprob.exp().item()
                 rows.append((f"pi(a={best}|s={s:+.0f})", 1.0, p, POLICY_TOL, p >= 1.0 - POLICY_TOL))
     return rows
 
 
-def run_one(script: str, probe: int, run_dir: str, seed: int):
+def run_one(script: str, env_id: str, probe: int, run_dir: str, seed: int):
     spec = SCRIPTS[script]
-    env_id = f"Probe{probe}{spec.suffix}-v0"
     try:
         summary = train(script, env_id, spec.flags + spec.probe_flags.get(probe, []), run_dir, seed)
         agent, env, args = load_agent(script, os.path.join(summary["run_dir"], "checkpoint.pt"))
@@ -288,7 +292,13 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    jobs = [(s, p) for s in scripts for p in SCRIPTS[s].probes if args.probes is None or p in args.probes]
+    jobs = [
+        (s, f"Probe{p}{suffix}-v0", p)
+        for s in scripts
+        for suffix, probes in SCRIPTS[s].families.items()
+        for p in probes
+        if args.probes is None or p in args.probes
+    ]
     run_dir = args.keep or tempfile.mkdtemp(prefix="probes-")
     try:
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:

@@ -61,3 +61,23 @@ def read_scalars(run_dir: str) -> dict:
 @pytest.fixture
 def run_dir(tmp_path):
     return str(tmp_path / "runs")
+
+
+# The smallest budget for each script that reaches at least two updates on CartPole-v1.
+SMALL = {
+    "ppo.py": dict(total_timesteps=256, num_envs=4, num_steps=32),
+    "reinforce.py": dict(total_timesteps=256, num_envs=4, batch_size=64),
+    "reinforce_baseline.py": dict(total_timesteps=256, num_envs=4, batch_size=64),
+}
+
+
+def load_script(script):
+    """Import a top-level script as a module (importing does no work)."""
+    import importlib
+
+    return importlib.import_module(script[: -len(".py")])
+
+
+def small_args(script, run_dir, **overrides):
+    module = load_script(script)
+    return module.Args(**{**SMALL[script], "run_dir": run_dir, "progress": False, **overrides})

@@ -1,0 +1,109 @@
+"""What the baseline buys: reinforce.py against reinforce_baseline.py, 5 seeds each, same budget.
+
+    python benchmarks/reinforce_baseline.py            # the README's plot and table (about 15 minutes on 2 cores)
+
+For each environment (CartPole-v1, InvertedPendulum-v4), script and seed it runs the script as a user would
+(one process at a time), reads `charts/episodic_return` from its TensorBoard events, interpolates every
+curve onto a common grid of steps, and plots the mean and the spread (one standard deviation across seeds,
+and the min-max range) against environment steps. Writes benchmarks/reinforce_baseline.png and
+benchmarks/reinforce_baseline.json (final returns per seed, and the mean across-seed standard deviation
+of the curves: the variance the baseline is meant to remove).
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from tests.conftest import read_scalars  # noqa: E402  (reads TensorBoard event files)
+
+SCRIPTS = ["reinforce.py", "reinforce_baseline.py"]
+
+
+def run(script, env_id, seed, total_timesteps, run_dir):
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, script),
+        "--env-id",
+        env_id,
+        "--seed",
+        str(seed),
+        "--total-timesteps",
+        str(total_timesteps),
+        "--run-dir",
+        run_dir,
+        "--no-progress",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument(
+        "--envs",
+        nargs="+",
+        default=["CartPole-v1:300000", "InvertedPendulum-v4:300000"],
+        help="ENV_ID:TOTAL_TIMESTEPS",
+    )
+    args = parser.parse_args()
+    run_dir = os.path.join(ROOT, "runs", "benchmark_reinforce")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.envs), figsize=(6 * len(args.envs), 4.2))
+    axes = np.atleast_1d(axes)
+    result = {
+        "command": "python benchmarks/reinforce_baseline.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "envs": {},
+    }
+    for ax, spec in zip(axes, args.envs, strict=True):
+        env_id, budget = spec.split(":")
+        budget = int(budget)
+        grid = np.linspace(budget / 50, budget, 50)
+        result["envs"][env_id] = {"total_timesteps": budget}
+        for script, color in zip(SCRIPTS, ["tab:red", "tab:blue"], strict=True):
+            curves, finals = [], []
+            for seed in args.seeds:
+                summary = run(script, env_id, seed, budget, run_dir)
+                points = read_scalars(summary["run_dir"])["charts/episodic_return"]
+                steps, returns = np.array(points).T
+                curves.append(np.interp(grid, steps, returns))
+                finals.append(summary["episodic_return_mean_last100"])
+                print(f"{env_id} {script} seed {seed}: {finals[-1]:.1f} ({summary['sps']} SPS)", flush=True)
+            curves = np.array(curves)
+            mean, std = curves.mean(0), curves.std(0)
+            ax.plot(grid, mean, color=color, label=f"{script[:-3]} (mean of {len(args.seeds)} seeds)")
+            ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.25)
+            ax.fill_between(grid, curves.min(0), curves.max(0), color=color, alpha=0.08)
+            result["envs"][env_id][script] = {
+                "final_return_last100_per_seed": finals,
+                "final_mean": float(np.mean(finals)),
+                "final_std": float(np.std(finals)),
+                "curve_std_across_seeds_mean": float(std.mean()),
+            }
+        ax.set_title(f"{env_id}, {len(args.seeds)} seeds (band: 1 std; faint: min-max)")
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel("episodic return")
+        ax.legend(loc="upper left")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(ROOT, "benchmarks", "reinforce_baseline.png"), dpi=110)
+    with open(os.path.join(ROOT, "benchmarks", "reinforce_baseline.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

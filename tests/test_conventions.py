@@ -1,0 +1,170 @@
+"""What CONVENTIONS.md asks of every script, tested on each: outputs, the JSON summary line, resume, Ctrl-C,
+the non-finite guard, argument errors, determinism, evaluation video and W&B."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import tests.envs  # noqa: F401  (registers Counting-v0 and friends)
+from tests.conftest import ROOT, SMALL, last_json, load_script, read_scalars, run_cli, small_args
+
+SCRIPTS = list(SMALL)
+# Optimizer steps that one iteration takes, per parameter: PPO 4 epochs x 4 minibatches; REINFORCE one;
+# the baseline one for the policy and value_epochs (20) for the critic (the policy loss gives the critic no
+# gradient, and Adam skips parameters without one).
+STEPS_PER_ITERATION = {"ppo.py": [16], "reinforce.py": [1], "reinforce_baseline.py": [1, 20]}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cli_prints_summary_as_last_line(script, run_dir):
+    proc = run_cli(script, "--total-timesteps", "4096", "--run-dir", run_dir, "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    summary = last_json(proc.stdout)
+    path = summary["run_dir"]
+    assert summary == json.load(open(os.path.join(path, "summary.json")))
+    for key in (
+        "env_id",
+        "seed",
+        "global_step",
+        "episodes",
+        "episodic_return_mean_last100",
+        "sps",
+        "wall_seconds",
+    ):
+        assert key in summary
+    assert summary["seed"] == 3 and summary["backend"] == "envpool" and summary["global_step"] >= 4096
+    assert json.load(open(os.path.join(path, "args.json")))["seed"] == 3
+    assert os.path.basename(path).startswith(f"CartPole-v1__{script[:-3]}__3__")
+    assert proc.stderr == ""  # no warnings or notices on a normal run
+
+
+BAD_INPUT = [
+    (["--env-id", "CartPol-v1"], "unknown environment id 'CartPol-v1'; did you mean CartPole-v1"),
+    (["--env-id", "no_such_module:Thing-v0"], "cannot import its module"),
+    (["--resume", "/nonexistent/checkpoint.pt"], "no checkpoint file"),
+    (["--env-id", "probe_envs:Probe1Atari-v0"], "needs vector observations"),
+    (["--learning-rate", "-1"], "--learning-rate must be > 0"),
+]
+SCRIPT_BAD_INPUT = {
+    "ppo.py": [
+        (["--num-minibatches", "3"], "must divide the batch size"),
+        (["--env-id", "Pendulum-v1", "--env-backend", "gymnasium"], "needs discrete actions"),
+    ],
+    "reinforce.py": [(["--batch-size", "0"], "--batch-size must be >= 1")],
+    "reinforce_baseline.py": [(["--value-epochs", "0"], "--value-epochs must be >= 1")],
+}
+
+
+@pytest.mark.parametrize(
+    "script, flags, message",
+    [(s, f, m) for s in SCRIPTS for f, m in BAD_INPUT + SCRIPT_BAD_INPUT[s]],
+)
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, script, flags, message):
+    proc = run_cli(script, *flags, "--run-dir", tmp_path / "runs", "--total-timesteps", "4096")
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_continues_the_run(script, run_dir):
+    module = load_script(script)
+    first = module.main(small_args(script, run_dir, save_model=True, save_interval=1))
+    ckpt_path = os.path.join(first["run_dir"], "checkpoint.pt")
+    before = torch.load(ckpt_path, weights_only=False)
+    args = module.parse_args(["--resume", ckpt_path, "--total-timesteps", "512"])
+    assert (args.num_envs, args.save_model, args.seed) == (4, True, 1)  # the stored arguments
+    second = module.main(args)
+    assert second["run_dir"] == first["run_dir"] and second["global_step"] >= 512
+    after = torch.load(ckpt_path, weights_only=False)
+    assert after["iteration"] > before["iteration"] and after["global_step"] == second["global_step"]
+    # Adam's step counts continued from the checkpoint rather than restarting
+    steps = sorted({s["step"].item() for s in after["optimizer"]["state"].values()})
+    assert steps == [k * after["iteration"] for k in STEPS_PER_ITERATION[script]]
+    tb_steps = [s for s, _ in read_scalars(first["run_dir"])["charts/SPS"]]
+    assert max(tb_steps) == second["global_step"] and len(tb_steps) == after["iteration"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_interrupt_saves_checkpoint_and_summary(script, run_dir):
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, script), "--total-timesteps", "50000000", "--run-dir", run_dir],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    first = proc.stdout.readline()  # "run: ..." is printed once the Ctrl-C handler is in place
+    assert first.startswith("run: "), first + proc.stderr.read()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    summary = last_json(out)
+    assert summary["status"] == "interrupted" and summary["global_step"] > 0
+    ckpt = torch.load(os.path.join(summary["run_dir"], "checkpoint.pt"), weights_only=False)
+    assert ckpt["global_step"] == summary["global_step"]
+    assert "charts/SPS" in read_scalars(summary["run_dir"])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(script, run_dir):
+    # CountingNaN-v0 gives NaN rewards once an env has taken 300 steps
+    module = load_script(script)
+    args = small_args(
+        script,
+        run_dir,
+        env_id="tests.envs:CountingNaN-v0",
+        total_timesteps=5000,
+        save_model=True,
+        save_interval=1,
+    )
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite loss at iteration (\d+) .* last good checkpoint"
+    ) as e:
+        module.main(args)
+    failed_at = int(str(e.value).split("iteration ")[1].split()[0])
+    (path,) = [os.path.join(run_dir, d) for d in os.listdir(run_dir)]
+    ckpt = torch.load(os.path.join(path, "checkpoint.pt"), weights_only=False)
+    assert ckpt["iteration"] == failed_at - 1
+    assert all(torch.isfinite(v).all() for v in ckpt["agent"].values())
+    assert not os.path.exists(os.path.join(path, "summary.json"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_same_seed_same_summary(script, run_dir):
+    module = load_script(script)
+    timing = ("sps", "wall_seconds", "run_dir")
+    a, b = (module.main(small_args(script, run_dir, total_timesteps=1024, seed=7)) for _ in range(2))
+    assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_gymnasium_backend_and_eval(script, run_dir):
+    summary = load_script(script).main(small_args(script, run_dir, env_backend="gymnasium", eval_episodes=2))
+    assert summary["backend"] == "gymnasium" and summary["eval_return_mean"] > 0
+    assert len(read_scalars(summary["run_dir"])["eval/episodic_return"]) == 2
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_capture_video(script, run_dir):
+    pytest.importorskip("moviepy", reason="--capture-video needs moviepy (the [video] extra)")
+    summary = load_script(script).main(small_args(script, run_dir, capture_video=True))
+    videos = os.listdir(os.path.join(summary["run_dir"], "videos"))
+    assert any(v.endswith(".mp4") for v in videos)
+
+
+def test_track_with_wandb_offline(run_dir, monkeypatch):
+    """W&B once, on ppo.py: the same lines are in every script."""
+    pytest.importorskip("wandb", reason="--track needs wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    summary = load_script("ppo.py").main(small_args("ppo.py", run_dir, track=True))
+    assert os.path.isdir(os.path.join(summary["run_dir"], "wandb"))
