@@ -206,13 +206,13 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto"):
 def check_spaces(envs):
     """ppo.py handles flat vector observations and discrete actions; say which script fits otherwise."""
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
-    if not isinstance(act_space, gym.spaces.Discrete):
-        raise UsageError(f"ppo.py needs discrete actions, this env has {act_space}; use ppo_continuous.py")
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
         raise UsageError(
             f"ppo.py needs vector observations, this env has {obs_space}; use ppo_atari.py for "
             "(4, 84, 84) frames or ppo_procgen_impala.py for (64, 64, 3) images"
         )
+    if not isinstance(act_space, gym.spaces.Discrete):
+        raise UsageError(f"ppo.py needs discrete actions, this env has {act_space}; use ppo_continuous.py")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -166,8 +166,10 @@ SCRIPTS = {
         ["--total-timesteps", "32768", "--batch-size", "256"],
         probe_flags={3: PROBE3_FLAGS},
     ),
+    # Without reward scaling, so that values come out in the probe's own units (with it, V is in units of
+    # the return's running std, and probe 1's constant return has no spread at all to scale by).
     "ppo_continuous.py": ScriptProbes(
-        {"Continuous": ALL}, ["--total-timesteps", "16384"], probe_flags={3: PROBE3_FLAGS}
+        {"Continuous": ALL}, ["--total-timesteps", "16384", "--no-norm-reward"], probe_flags={3: PROBE3_FLAGS}
     ),
     "ppo_atari.py": ScriptProbes(
         {"Atari": ALL}, ["--total-timesteps", "8192", "--num-envs", "8"], probe_flags={3: PROBE3_FLAGS}
@@ -236,7 +238,7 @@ def check(script: str, spec: ScriptProbes, agent, env: ProbeEnv, gamma: float) -
                 want = env.expected_value(s, gamma)
                 if env.continuous and env.best_action(s) is not None:
                     # under a Gaussian policy N(mu, sigma) the expected reward is 1 - sigma^2 - (mu - a*)^2
-                    mu, sigma = agent.actor_mean(x)[0, 0].item(), agent.actor_logstd.exp()[0, 0].item()
+                    mu, sigma = agent.greedy_action(x)[0, 0].item(), agent.actor_logstd.exp()[0, 0].item()
                     want = 1.0 - sigma**2 - (mu - env.best_action(s)) ** 2
                 got = agent.get_value(x).item()
                 rows.append((f"V(s={s:+.0f})", want, got, VALUE_TOL, abs(got - want) <= VALUE_TOL))
@@ -244,7 +246,9 @@ def check(script: str, spec: ScriptProbes, agent, env: ProbeEnv, gamma: float) -
             if best is None:
                 continue
             if env.continuous:
-                mu = agent.actor_mean(x)[0, 0].item()
+                mu = agent.greedy_action(x)[
+                    0, 0
+                ].item()  # the Gaussian's mean (normalising inputs if the agent does)
                 rows.append((f"mean a(s={s:+.0f})", best, mu, MEAN_TOL, abs(mu - best) <= MEAN_TOL))
             else:
                 # PPO agents: get_action_and_value; REINFORCE agents: get_action_and_logprob

@@ -61,8 +61,9 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, use CUDA when it is available"""
-    torch_threads: int = 1
-    """CPU threads for torch; 1 is fastest for these small networks (README, speed section)"""
+    torch_threads: int = 2
+    """CPU threads for torch; 2 is fastest on a 2-core machine: the update is one step on the whole batch
+    (CartPole-v1, 150k steps: reinforce 19.2k -> 26.5k SPS, reinforce_baseline 14.4k -> 19.0k)"""
     track: bool = False
     """if toggled, also log to Weights & Biases (imported only then)"""
     wandb_project_name: str = "rl-scripts"
@@ -176,13 +177,13 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto"):
 def check_spaces(envs):
     """reinforce.py handles flat vector observations, discrete or Box actions; say what fits otherwise."""
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
-    if not isinstance(act_space, (gym.spaces.Discrete, gym.spaces.Box)):
-        raise UsageError(f"reinforce.py needs Discrete or Box actions, this env has {act_space}")
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
         raise UsageError(
             f"reinforce.py needs vector observations, this env has {obs_space}; use ppo_atari.py for "
             "(4, 84, 84) frames or ppo_procgen_impala.py for (64, 64, 3) images"
         )
+    if not isinstance(act_space, (gym.spaces.Discrete, gym.spaces.Box)):
+        raise UsageError(f"reinforce.py needs Discrete or Box actions, this env has {act_space}")
 
 
 def env_actions(actions, action_space):

@@ -63,12 +63,22 @@ def run_dir(tmp_path):
     return str(tmp_path / "runs")
 
 
-# The smallest budget for each script that reaches at least two updates on CartPole-v1.
+# The smallest budget for each script that reaches at least two updates on its default environment.
 SMALL = {
     "ppo.py": dict(total_timesteps=256, num_envs=4, num_steps=32),
     "reinforce.py": dict(total_timesteps=256, num_envs=4, batch_size=64),
     "reinforce_baseline.py": dict(total_timesteps=256, num_envs=4, batch_size=64),
+    "ppo_continuous.py": dict(total_timesteps=256, num_envs=2, num_steps=64, num_minibatches=4),
 }
+# Each script's default environment, and the test environments that fit its action space.
+DEFAULT_ENV = {
+    "ppo.py": "CartPole-v1",
+    "reinforce.py": "CartPole-v1",
+    "reinforce_baseline.py": "CartPole-v1",
+    "ppo_continuous.py": "HalfCheetah-v4",
+}
+COUNTING = {s: "tests.envs:Counting{}-v0" for s in SMALL}
+COUNTING["ppo_continuous.py"] = "tests.envs:Counting{}Continuous-v0"
 
 
 def load_script(script):
@@ -81,3 +91,28 @@ def load_script(script):
 def small_args(script, run_dir, **overrides):
     module = load_script(script)
     return module.Args(**{**SMALL[script], "run_dir": run_dir, "progress": False, **overrides})
+
+
+SUMMARY_KEYS = (
+    "env_id",
+    "seed",
+    "global_step",
+    "episodes",
+    "episodic_return_mean_last100",
+    "sps",
+    "wall_seconds",
+)
+
+
+def check_run_outputs(summary: dict, checkpoint: bool = False):
+    """A finished run's directory holds args.json, summary.json equal to the printed summary with every key
+    of CONVENTIONS.md, TensorBoard events, the checkpoint if asked for, and no half-written temporary file."""
+    path = summary["run_dir"]
+    files = os.listdir(path)
+    for name in ("args.json", "summary.json") + (("checkpoint.pt",) if checkpoint else ()):
+        assert name in files, name
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    assert not [f for f in files if f.endswith(".tmp")]
+    assert json.load(open(os.path.join(path, "summary.json"))) == summary
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    assert not missing, missing

@@ -8,16 +8,19 @@ class CountingEnv(gym.Env):
     """Fixed-length episodes: observation [t] (steps taken so far), reward 1 per step, the episode ends after
     `length` steps by termination (default) or by truncation. The final observation is [length], which no
     other step shows, so the autoreset step (whose stored observation is the final one) is recognisable.
-    `nan_after` makes every reward NaN after that many steps in total (to test the non-finite guard)."""
+    `nan_after` makes every reward NaN after that many steps in total (to test the non-finite guard);
+    `continuous` gives a Box action space (the action is ignored either way)."""
 
     metadata = {"render_modes": []}
 
     def __init__(
-        self, length: int = 3, truncate: bool = False, nan_after: int | None = None, n_actions: int = 2
+        self, length: int = 3, truncate: bool = False, nan_after: int | None = None, continuous=False
     ):
         self.length, self.truncate, self.nan_after = length, truncate, nan_after
         self.observation_space = gym.spaces.Box(0.0, float(length), (1,), np.float32)
-        self.action_space = gym.spaces.Discrete(n_actions)
+        self.action_space = (
+            gym.spaces.Box(-1.0, 1.0, (1,), np.float32) if continuous else gym.spaces.Discrete(2)
+        )
         self.t, self.total = 0, 0
 
     def reset(self, *, seed=None, options=None):
@@ -42,3 +45,10 @@ class CountingEnv(gym.Env):
 gym.register("Counting-v0", entry_point=CountingEnv)
 gym.register("CountingTruncated-v0", entry_point=CountingEnv, kwargs={"truncate": True})
 gym.register("CountingNaN-v0", entry_point=CountingEnv, kwargs={"nan_after": 300})
+gym.register("CountingContinuous-v0", entry_point=CountingEnv, kwargs={"continuous": True})
+gym.register(
+    "CountingTruncatedContinuous-v0", entry_point=CountingEnv, kwargs={"truncate": True, "continuous": True}
+)
+gym.register(
+    "CountingNaNContinuous-v0", entry_point=CountingEnv, kwargs={"nan_after": 300, "continuous": True}
+)

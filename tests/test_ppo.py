@@ -1,6 +1,5 @@
 """ppo.py: unit tests of the pure functions, end-to-end smoke tests, and learning tests."""
 
-import json
 import math
 import os
 
@@ -11,7 +10,7 @@ import torch
 import ppo
 import tests.envs  # noqa: F401  (registers Counting-v0 and friends)
 from tests import conftest
-from tests.conftest import PPO_METRICS, read_scalars
+from tests.conftest import PPO_METRICS, check_run_outputs, read_scalars
 
 
 def small_args(run_dir, **overrides):
@@ -242,19 +241,7 @@ def test_smoke_outputs_metrics_and_means(run_dir, monkeypatch):
     monkeypatch.setattr(ppo, "ppo_loss", spy_loss)
     summary = ppo.main(small_args(run_dir, save_model=True))
     path = summary["run_dir"]
-    for name in ("args.json", "summary.json", "checkpoint.pt"):
-        assert os.path.isfile(os.path.join(path, name)), name
-    assert json.load(open(os.path.join(path, "summary.json"))) == summary
-    for key in (
-        "env_id",
-        "seed",
-        "global_step",
-        "episodes",
-        "episodic_return_mean_last100",
-        "sps",
-        "wall_seconds",
-    ):
-        assert key in summary
+    check_run_outputs(summary, checkpoint=True)
     assert summary["global_step"] == 256 and summary["episodes"] > 0
     scalars = read_scalars(path)
     missing = [m for m in PPO_METRICS if m not in scalars]

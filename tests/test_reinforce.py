@@ -1,8 +1,6 @@
 """reinforce.py and reinforce_baseline.py: the pure functions, the policy distributions, what enters the
 loss, every metric, and learning (probes, CartPole-v1)."""
 
-import os
-
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ from torch.distributions import Categorical, Normal
 import reinforce
 import reinforce_baseline
 import tests.envs  # noqa: F401  (registers Counting-v0 and friends)
-from tests.conftest import load_script, read_scalars, small_args
+from tests.conftest import check_run_outputs, load_script, read_scalars, small_args
 
 BOTH = ["reinforce.py", "reinforce_baseline.py"]
 REINFORCE_METRICS = [
@@ -176,8 +174,7 @@ def test_smoke_outputs_and_metrics(script, env_id, run_dir):
         small_args(script, run_dir, env_id=env_id, total_timesteps=2048, batch_size=256, save_model=True)
     )
     path = summary["run_dir"]
-    for name in ("args.json", "summary.json", "checkpoint.pt"):
-        assert os.path.isfile(os.path.join(path, name)), name
+    check_run_outputs(summary, checkpoint=True)
     scalars = read_scalars(path)
     expected = BASELINE_METRICS if script == "reinforce_baseline.py" else REINFORCE_METRICS
     if env_id == "CartPole-v1":
