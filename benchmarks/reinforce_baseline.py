@@ -14,34 +14,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 
 import numpy as np
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from tests.conftest import read_scalars  # noqa: E402  (reads TensorBoard event files)
+from common import ROOT, plot_bands, return_curve, run_script
 
 SCRIPTS = ["reinforce.py", "reinforce_baseline.py"]
-
-
-def run(script, env_id, seed, total_timesteps, run_dir):
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, script),
-        "--env-id",
-        env_id,
-        "--seed",
-        str(seed),
-        "--total-timesteps",
-        str(total_timesteps),
-        "--run-dir",
-        run_dir,
-        "--no-progress",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -76,17 +54,15 @@ def main():
         for script, color in zip(SCRIPTS, ["tab:red", "tab:blue"], strict=True):
             curves, finals = [], []
             for seed in args.seeds:
-                summary = run(script, env_id, seed, budget, run_dir)
-                points = read_scalars(summary["run_dir"])["charts/episodic_return"]
-                steps, returns = np.array(points).T
-                curves.append(np.interp(grid, steps, returns))
+                summary = run_script(
+                    script, run_dir, "--env-id", env_id, "--seed", seed, "--total-timesteps", budget
+                )
+                curves.append(return_curve(summary["run_dir"], grid))
                 finals.append(summary["episodic_return_mean_last100"])
                 print(f"{env_id} {script} seed {seed}: {finals[-1]:.1f} ({summary['sps']} SPS)", flush=True)
             curves = np.array(curves)
-            mean, std = curves.mean(0), curves.std(0)
-            ax.plot(grid, mean, color=color, label=f"{script[:-3]} (mean of {len(args.seeds)} seeds)")
-            ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.25)
-            ax.fill_between(grid, curves.min(0), curves.max(0), color=color, alpha=0.08)
+            std = curves.std(0)
+            plot_bands(ax, grid, curves, color, f"{script[:-3]} (mean of {len(args.seeds)} seeds)")
             result["envs"][env_id][script] = {
                 "final_return_last100_per_seed": finals,
                 "final_mean": float(np.mean(finals)),
