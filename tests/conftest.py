@@ -90,7 +90,12 @@ def load_script(script):
 
 def small_args(script, run_dir, **overrides):
     module = load_script(script)
-    defaults = {**SMALL[script], "run_dir": run_dir, "progress": False, "torch_threads": 1}  # 1 thread in tests
+    defaults = {
+        **SMALL[script],
+        "run_dir": run_dir,
+        "progress": False,
+        "torch_threads": 1,
+    }  # 1 thread in tests
     return module.Args(**{**defaults, **overrides})
 
 

@@ -215,3 +215,38 @@ def test_shared_blocks_are_word_for_word_copies_of_ppo(script):
         source = inspect.getsource(ppo.main)
         block = source[source.index(start) : source.index(end)]
         assert block in inspect.getsource(module.main), start
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_progress_bar_only_on_a_terminal(script, run_dir):
+    """A tqdm bar (steps, SPS, recent return) when stdout is a terminal; plain output when it is not."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    # a new pty is 0 x 0 characters, and tqdm draws nothing in zero columns: give it a real terminal's size
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, script), "--total-timesteps", "4096", "--run-dir", run_dir],
+        stdout=follower,
+        stderr=follower,
+        cwd=ROOT,
+    )
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert proc.wait(timeout=120) == 0
+    text = output.decode(errors="replace")
+    assert "step/s" in text and "sps=" in text and "ret=" in text, text[-500:]
+    assert json.loads(text.strip().splitlines()[-1])["global_step"] >= 4096
+    piped = run_cli(script, "--total-timesteps", "4096", "--run-dir", run_dir)
+    assert "step/s" not in piped.stdout + piped.stderr
