@@ -735,7 +735,11 @@ def parse_args(argv=None) -> Args:
     if resume is None or not os.path.isfile(resume):
         return tyro.cli(Args, args=argv)
     stored = load_checkpoint(resume, "cpu")["args"]
-    args = tyro.cli(Args, args=argv, default=Args(**{**stored, "resume": resume}))
+    try:
+        default = Args(**{**stored, "resume": resume})
+    except TypeError as e:  # e.g. a checkpoint of another script, with other arguments
+        raise UsageError(f"'{resume}' was not written by this script ({e})") from e
+    args = tyro.cli(Args, args=argv, default=default)
     return Args(**{f.name: getattr(args, f.name) for f in fields(Args) if f.init})  # recompute derived sizes
 
 

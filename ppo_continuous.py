@@ -893,7 +893,11 @@ def parse_args(argv=None) -> Args:
         return tyro.cli(Args, args=argv)
     stored = load_checkpoint(path, "cpu")["args"]
     reset = {"resume": None, "eval_checkpoint": None, flag.lstrip("-").replace("-", "_"): path}
-    args = tyro.cli(Args, args=argv, default=Args(**{**stored, **reset}))
+    try:
+        default = Args(**{**stored, **reset})
+    except TypeError as e:  # e.g. a checkpoint of another script, with other arguments
+        raise UsageError(f"'{path}' was not written by this script ({e})") from e
+    args = tyro.cli(Args, args=argv, default=default)
     return Args(**{f.name: getattr(args, f.name) for f in fields(Args) if f.init})  # recompute derived sizes
 
 

@@ -107,6 +107,13 @@ def test_resume_continues_the_run(script, run_dir):
     assert max(tb_steps) == second["global_step"] and len(tb_steps) == after["iteration"]
 
 
+def test_resume_from_another_scripts_checkpoint_is_a_clear_error(run_dir):
+    summary = load_script("reinforce.py").main(small_args("reinforce.py", run_dir, save_model=True))
+    proc = run_cli("ppo.py", "--resume", os.path.join(summary["run_dir"], "checkpoint.pt"))
+    assert proc.returncode == 1 and "was not written by this script" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_interrupt_saves_checkpoint_and_summary(script, run_dir):
     proc = subprocess.Popen(
