@@ -41,3 +41,20 @@ def plot_bands(ax, grid, curves, color, label):
     ax.plot(grid, mean, color=color, label=label)
     ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.25)
     ax.fill_between(grid, curves.min(0), curves.max(0), color=color, alpha=0.08)
+
+
+def style_axis(ax, title):
+    ax.set_title(title)
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("episodic return")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+
+
+def save_results(fig, result, name):
+    """Write benchmarks/<name>.png and benchmarks/<name>.json, and print the JSON."""
+    fig.tight_layout()
+    fig.savefig(os.path.join(ROOT, "benchmarks", f"{name}.png"), dpi=110)
+    with open(os.path.join(ROOT, "benchmarks", f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))

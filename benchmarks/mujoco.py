@@ -10,14 +10,13 @@ and benchmarks/mujoco.png (mean and spread of the return curves).
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from common import ROOT, plot_bands, return_curve, run_script
+from common import ROOT, plot_bands, return_curve, run_script, save_results, style_axis
 
 CLEANRL_V4 = {"HalfCheetah-v4": 1443, "Hopper-v4": 2383, "Walker2d-v4": 2288}  # published, for reference
 
@@ -86,16 +85,8 @@ def main():
         )
         if env_id in CLEANRL_V4:
             ax.axhline(CLEANRL_V4[env_id], color="gray", ls="--", label="CleanRL v4 (published, final)")
-        ax.set_title(env_id)
-        ax.set_xlabel("environment steps")
-        ax.set_ylabel("episodic return")
-        ax.legend(loc="upper left")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(ROOT, "benchmarks", "mujoco.png"), dpi=110)
-    with open(os.path.join(ROOT, "benchmarks", "mujoco.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps(result, indent=2))
+        style_axis(ax, env_id)
+    save_results(fig, result, "mujoco")
 
 
 if __name__ == "__main__":

@@ -11,13 +11,12 @@ of the curves: the variance the baseline is meant to remove).
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
 
 import numpy as np
-from common import ROOT, plot_bands, return_curve, run_script
+from common import ROOT, plot_bands, return_curve, run_script, save_results, style_axis
 
 SCRIPTS = ["reinforce.py", "reinforce_baseline.py"]
 
@@ -69,16 +68,8 @@ def main():
                 "final_std": float(np.std(finals)),
                 "curve_std_across_seeds_mean": float(std.mean()),
             }
-        ax.set_title(f"{env_id}, {len(args.seeds)} seeds (band: 1 std; faint: min-max)")
-        ax.set_xlabel("environment steps")
-        ax.set_ylabel("episodic return")
-        ax.legend(loc="upper left")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(ROOT, "benchmarks", "reinforce_baseline.png"), dpi=110)
-    with open(os.path.join(ROOT, "benchmarks", "reinforce_baseline.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps(result, indent=2))
+        style_axis(ax, f"{env_id}, {len(args.seeds)} seeds (band: 1 std; faint: min-max)")
+    save_results(fig, result, "reinforce_baseline")
 
 
 if __name__ == "__main__":
