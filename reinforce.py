@@ -283,10 +283,15 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def masked_mean_std(x, mask):
+    """Mean and population std of x over the valid entries."""
+    mean = masked_mean(x, mask)
+    return mean, masked_mean((x - mean) ** 2, mask).sqrt()
+
+
 def normalize(x, mask):
     """x shifted and scaled to mean 0 and std 1 over the valid entries (population std: one entry gives 0)."""
-    mean = masked_mean(x, mask)
-    std = masked_mean((x - mean) ** 2, mask).sqrt()
+    mean, std = masked_mean_std(x, mask)
     return (x - mean) / (std + 1e-8)
 
 
@@ -521,8 +526,7 @@ def main(args: Args) -> dict:
         )  # (T, N) each
         returns = discounted_returns(b_rewards, b_dones, args.gamma)
         mask = complete_episode_mask(b_dones, b_valid)
-        returns_mean = masked_mean(returns, mask)
-        returns_std = masked_mean((returns - returns_mean) ** 2, mask).sqrt()
+        returns_mean, returns_std = masked_mean_std(returns, mask)
         if args.norm_returns:
             returns = normalize(returns, mask)
 

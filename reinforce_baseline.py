@@ -308,10 +308,15 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def masked_mean_std(x, mask):
+    """Mean and population std of x over the valid entries."""
+    mean = masked_mean(x, mask)
+    return mean, masked_mean((x - mean) ** 2, mask).sqrt()
+
+
 def normalize(x, mask):
     """x shifted and scaled to mean 0 and std 1 over the valid entries (population std: one entry gives 0)."""
-    mean = masked_mean(x, mask)
-    std = masked_mean((x - mean) ** 2, mask).sqrt()
+    mean, std = masked_mean_std(x, mask)
     return (x - mean) / (std + 1e-8)
 
 
@@ -563,8 +568,7 @@ def main(args: Args) -> dict:
                 b_rewards + args.gamma * truncations * next_values, b_dones, args.gamma
             )
         mask = complete_episode_mask(b_dones, b_valid)
-        returns_mean = masked_mean(returns, mask)
-        returns_std = masked_mean((returns - returns_mean) ** 2, mask).sqrt()
+        returns_mean, returns_std = masked_mean_std(returns, mask)
         advantages = returns - values
         b_mask = mask.bool()
         valid_adv = advantages[b_mask]
