@@ -663,9 +663,10 @@ def main(args: Args) -> dict:
         for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
             writer.add_scalar(f"losses/{k}", means[k], global_step)
         writer.add_scalar("losses/explained_variance", ev, global_step)
-        writer.add_scalar(
-            "debug/relative_entropy", means["entropy"] / np.log(envs.single_action_space.n), global_step
-        )
+        if envs.single_action_space.n > 1:  # entropy / log|A| is undefined with a single action (probes 1-3)
+            writer.add_scalar(
+                "debug/relative_entropy", means["entropy"] / np.log(envs.single_action_space.n), global_step
+            )
         writer.add_scalar("debug/residual_variance", 1.0 - ev, global_step)
         writer.add_scalar("debug/advantage_mean", valid_adv.mean().item(), global_step)
         writer.add_scalar("debug/advantage_std", valid_adv.std(correction=0).item(), global_step)

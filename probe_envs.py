@@ -172,7 +172,9 @@ SCRIPTS = {
         {"Continuous": ALL}, ["--total-timesteps", "16384", "--no-norm-reward"], probe_flags={3: PROBE3_FLAGS}
     ),
     "ppo_atari.py": ScriptProbes(
-        {"Atari": ALL}, ["--total-timesteps", "8192", "--num-envs", "8"], probe_flags={3: PROBE3_FLAGS}
+        {"Atari": ALL},
+        ["--total-timesteps", "8192", "--num-envs", "8", "--num-steps", "32", "--learning-rate", "1e-3"],
+        probe_flags={3: PROBE3_FLAGS},
     ),
     "ppo_procgen_impala.py": ScriptProbes(
         {"Procgen": ALL},

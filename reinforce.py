@@ -547,7 +547,7 @@ def main(args: Args) -> dict:
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         writer.add_scalar("losses/policy_loss", means["policy_loss"], global_step)
         writer.add_scalar("losses/entropy", means["entropy"], global_step)
-        if not agent.continuous:
+        if not agent.continuous and action_space.n > 1:  # undefined with a single action (probes 1-3)
             writer.add_scalar(
                 "debug/relative_entropy", means["entropy"] / np.log(action_space.n), global_step
             )

@@ -612,7 +612,7 @@ def main(args: Args) -> dict:
         writer.add_scalar("debug/residual_variance", 1.0 - ev, global_step)
         writer.add_scalar("debug/advantage_mean", valid_adv.mean().item(), global_step)
         writer.add_scalar("debug/advantage_std", valid_adv.std(correction=0).item(), global_step)
-        if not agent.continuous:
+        if not agent.continuous and action_space.n > 1:  # undefined with a single action (probes 1-3)
             writer.add_scalar(
                 "debug/relative_entropy", means["entropy"] / np.log(action_space.n), global_step
             )

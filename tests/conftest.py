@@ -69,6 +69,7 @@ SMALL = {
     "reinforce.py": dict(total_timesteps=256, num_envs=4, batch_size=64),
     "reinforce_baseline.py": dict(total_timesteps=256, num_envs=4, batch_size=64),
     "ppo_continuous.py": dict(total_timesteps=256, num_envs=2, num_steps=64, num_minibatches=4),
+    "ppo_atari.py": dict(total_timesteps=256, num_envs=2, num_steps=64),
 }
 # Each script's default environment, and the test environments that fit its action space.
 DEFAULT_ENV = {
@@ -76,9 +77,11 @@ DEFAULT_ENV = {
     "reinforce.py": "CartPole-v1",
     "reinforce_baseline.py": "CartPole-v1",
     "ppo_continuous.py": "HalfCheetah-v4",
+    "ppo_atari.py": "BreakoutNoFrameskip-v4",
 }
 COUNTING = {s: "tests.envs:Counting{}-v0" for s in SMALL}
 COUNTING["ppo_continuous.py"] = "tests.envs:Counting{}Continuous-v0"
+COUNTING["ppo_atari.py"] = "tests.envs:Counting{}Atari-v0"
 
 
 def load_script(script):

@@ -9,15 +9,25 @@ class CountingEnv(gym.Env):
     `length` steps by termination (default) or by truncation. The final observation is [length], which no
     other step shows, so the autoreset step (whose stored observation is the final one) is recognisable.
     `nan_after` makes every reward NaN after that many steps in total (to test the non-finite guard);
-    `continuous` gives a Box action space (the action is ignored either way)."""
+    `continuous` gives a Box action space (the action is ignored either way). `obs_format` "atari" or "procgen"
+    gives uint8 images ((4, 84, 84) or (64, 64, 3)) whose every pixel is t."""
 
     metadata = {"render_modes": []}
 
     def __init__(
-        self, length: int = 3, truncate: bool = False, nan_after: int | None = None, continuous=False
+        self,
+        length: int = 3,
+        truncate: bool = False,
+        nan_after: int | None = None,
+        continuous=False,
+        obs_format: str = "vector",
     ):
         self.length, self.truncate, self.nan_after = length, truncate, nan_after
-        self.observation_space = gym.spaces.Box(0.0, float(length), (1,), np.float32)
+        self.shape = {"vector": (1,), "atari": (4, 84, 84), "procgen": (64, 64, 3)}[obs_format]
+        if obs_format == "vector":
+            self.observation_space = gym.spaces.Box(0.0, float(length), self.shape, np.float32)
+        else:
+            self.observation_space = gym.spaces.Box(0, 255, self.shape, np.uint8)
         self.action_space = (
             gym.spaces.Box(-1.0, 1.0, (1,), np.float32) if continuous else gym.spaces.Discrete(2)
         )
@@ -26,7 +36,10 @@ class CountingEnv(gym.Env):
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         self.t = 0
-        return np.array([0.0], np.float32), {}
+        return self.observe(), {}
+
+    def observe(self):
+        return np.full(self.shape, self.t, dtype=self.observation_space.dtype)
 
     def step(self, action):
         self.t += 1
@@ -34,7 +47,7 @@ class CountingEnv(gym.Env):
         reward = float("nan") if self.nan_after is not None and self.total > self.nan_after else 1.0
         end = self.t >= self.length
         return (
-            np.array([float(self.t)], np.float32),
+            self.observe(),
             reward,
             end and not self.truncate,
             end and self.truncate,
@@ -42,13 +55,16 @@ class CountingEnv(gym.Env):
         )
 
 
-gym.register("Counting-v0", entry_point=CountingEnv)
-gym.register("CountingTruncated-v0", entry_point=CountingEnv, kwargs={"truncate": True})
-gym.register("CountingNaN-v0", entry_point=CountingEnv, kwargs={"nan_after": 300})
-gym.register("CountingContinuous-v0", entry_point=CountingEnv, kwargs={"continuous": True})
-gym.register(
-    "CountingTruncatedContinuous-v0", entry_point=CountingEnv, kwargs={"truncate": True, "continuous": True}
-)
-gym.register(
-    "CountingNaNContinuous-v0", entry_point=CountingEnv, kwargs={"nan_after": 300, "continuous": True}
-)
+# Counting{,Truncated,NaN}{,Continuous,Atari,Procgen}-v0
+for _variant, _variant_kwargs in (("", {}), ("Truncated", {"truncate": True}), ("NaN", {"nan_after": 300})):
+    for _family, _family_kwargs in (
+        ("", {}),
+        ("Continuous", {"continuous": True}),
+        ("Atari", {"obs_format": "atari"}),
+        ("Procgen", {"obs_format": "procgen"}),
+    ):
+        gym.register(
+            f"Counting{_variant}{_family}-v0",
+            entry_point=CountingEnv,
+            kwargs={**_variant_kwargs, **_family_kwargs},
+        )

@@ -37,9 +37,16 @@ STEPS_PER_ITERATION = {
     "reinforce.py": [1],
     "reinforce_baseline.py": [1, 20],
     "ppo_continuous.py": [40],
+    "ppo_atari.py": [16],
 }
-# A fast environment of each script's kind for the tests that play whole episodes.
-QUICK_ENV = {**DEFAULT_ENV, "ppo_continuous.py": "InvertedPendulum-v4"}
+# A fast environment of each script's kind for the tests that play whole episodes on gymnasium, and one
+# that can render for the video test (the probes cannot; an untrained Breakout game is short).
+QUICK_ENV = {
+    **DEFAULT_ENV,
+    "ppo_continuous.py": "InvertedPendulum-v4",
+    "ppo_atari.py": "probe_envs:Probe1Atari-v0",
+}
+VIDEO_ENV = {**QUICK_ENV, "ppo_atari.py": "Breakout-v5"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -59,9 +66,11 @@ BAD_INPUT = [
     (["--env-id", "CartPol-v1"], "unknown environment id 'CartPol-v1'; did you mean CartPole-v1"),
     (["--env-id", "no_such_module:Thing-v0"], "cannot import its module"),
     (["--resume", "/nonexistent/checkpoint.pt"], "no checkpoint file"),
-    (["--env-id", "probe_envs:Probe1Atari-v0"], "needs vector observations"),
     (["--learning-rate", "-1"], "--learning-rate must be > 0"),
 ]
+# An environment whose observations the script cannot take, and the message that names the right script.
+WRONG_OBSERVATIONS = {s: ("probe_envs:Probe1Atari-v0", "needs vector observations") for s in SCRIPTS}
+WRONG_OBSERVATIONS["ppo_atari.py"] = ("probe_envs:Probe1-v0", "needs (4, 84, 84) uint8 frames")
 SCRIPT_BAD_INPUT = {
     "ppo.py": [
         (["--num-minibatches", "3"], "must divide the batch size"),
@@ -73,12 +82,27 @@ SCRIPT_BAD_INPUT = {
         (["--env-id", "CartPole-v1"], "needs Box (continuous) actions"),
         (["--eval-checkpoint", "/nonexistent.pt"], "no checkpoint file"),
     ],
+    "ppo_atari.py": [
+        (
+            ["--env-id", "BreakotNoFrameskip-v4"],
+            "unknown Atari game 'Breakot' in 'BreakotNoFrameskip-v4'; did",
+        ),
+        (["--env-id", "ALE/Breakot-v5"], "unknown Atari game 'Breakot' in 'ALE/Breakot-v5'; did you mean"),
+        (["--env-id", "Breakout-v5", "--env-backend", "gymnasium"], "is an Atari id: it runs on envpool"),
+        (["--num-minibatches", "3"], "must divide the batch size"),
+    ],
 }
 
 
 @pytest.mark.parametrize(
     "script, flags, message",
-    [(s, f, m) for s in SCRIPTS for f, m in BAD_INPUT + SCRIPT_BAD_INPUT[s]],
+    [
+        (s, f, m)
+        for s in SCRIPTS
+        for f, m in BAD_INPUT
+        + SCRIPT_BAD_INPUT[s]
+        + [(["--env-id", WRONG_OBSERVATIONS[s][0]], WRONG_OBSERVATIONS[s][1])]
+    ],
 )
 def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, script, flags, message):
     proc = run_cli(script, *flags, "--run-dir", tmp_path / "runs", "--total-timesteps", "4096")
@@ -180,7 +204,7 @@ def test_gymnasium_backend_and_eval(script, run_dir):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_capture_video(script, run_dir, monkeypatch):
     pytest.importorskip("moviepy", reason="--capture-video needs moviepy (the [video] extra)")
-    env_id = QUICK_ENV[script]
+    env_id = VIDEO_ENV[script]
     if script == "ppo_continuous.py":  # MuJoCo needs an off-screen OpenGL (EGL here)
         monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))
         try:
@@ -212,7 +236,11 @@ def test_shared_blocks_are_word_for_word_copies_of_ppo(script):
     """The scripts share no code, so the blocks they have in common must not drift apart (CONVENTIONS.md:
     every PPO script carries the same compute_gae, word for word)."""
     ppo, module = load_script("ppo.py"), load_script(script)
-    for name in SHARED + (PPO_SHARED if script.startswith("ppo") else []):
+    # make_env of the image scripts builds their own environments (Atari through envpool, Procgen)
+    shared = [
+        n for n in SHARED if not (n == "make_env" and script in ("ppo_atari.py", "ppo_procgen_impala.py"))
+    ]
+    for name in shared + (PPO_SHARED if script.startswith("ppo") else []):
         assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(ppo, name)), name
     # the W&B, writer and Ctrl-C set-up of main(), line for line
     for start, end in (
