@@ -178,7 +178,19 @@ SCRIPTS = {
     ),
     "ppo_procgen_impala.py": ScriptProbes(
         {"Procgen": ALL},
-        ["--total-timesteps", "8192", "--num-envs", "8", "--num-steps", "64"],
+        [
+            "--total-timesteps",
+            "2048",
+            "--num-envs",
+            "8",
+            "--num-steps",
+            "16",
+            "--learning-rate",
+            "1e-3",
+            "--num-test-envs",
+            "0",
+            "--no-norm-reward",
+        ],
         probe_flags={3: PROBE3_FLAGS},
     ),
 }
