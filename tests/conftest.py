@@ -70,7 +70,25 @@ SMALL = {
     "reinforce_baseline.py": dict(total_timesteps=256, num_envs=4, batch_size=64),
     "ppo_continuous.py": dict(total_timesteps=256, num_envs=2, num_steps=64, num_minibatches=4),
     "ppo_atari.py": dict(total_timesteps=256, num_envs=2, num_steps=64),
+    # the Nature CNN here: these runs test conventions, and the IMPALA CNN costs ~8x more on a CPU
+    # (tests/test_ppo_procgen_impala.py runs both networks)
+    "ppo_procgen_impala.py": dict(
+        total_timesteps=256, num_envs=2, num_steps=64, num_test_envs=2, network="nature"
+    ),
 }
+# Flags for the tests that run a script from the shell on its default environment with a budget of a few
+# thousand steps: the Procgen script's default batch alone is 16,384 steps of the IMPALA CNN.
+CLI_FLAGS = {s: [] for s in SMALL}
+CLI_FLAGS["ppo_procgen_impala.py"] = [
+    "--num-envs",
+    "8",
+    "--num-steps",
+    "64",
+    "--network",
+    "nature",
+    "--num-test-envs",
+    "2",
+]
 # Each script's default environment, and the test environments that fit its action space.
 DEFAULT_ENV = {
     "ppo.py": "CartPole-v1",
@@ -78,10 +96,12 @@ DEFAULT_ENV = {
     "reinforce_baseline.py": "CartPole-v1",
     "ppo_continuous.py": "HalfCheetah-v4",
     "ppo_atari.py": "BreakoutNoFrameskip-v4",
+    "ppo_procgen_impala.py": "bigfish",
 }
 COUNTING = {s: "tests.envs:Counting{}-v0" for s in SMALL}
 COUNTING["ppo_continuous.py"] = "tests.envs:Counting{}Continuous-v0"
 COUNTING["ppo_atari.py"] = "tests.envs:Counting{}Atari-v0"
+COUNTING["ppo_procgen_impala.py"] = "tests.envs:Counting{}Procgen-v0"
 
 
 def load_script(script):

@@ -16,6 +16,7 @@ import torch
 
 import tests.envs  # noqa: F401  (registers Counting-v0 and friends)
 from tests.conftest import (
+    CLI_FLAGS,
     COUNTING,
     DEFAULT_ENV,
     ROOT,
@@ -38,6 +39,7 @@ STEPS_PER_ITERATION = {
     "reinforce_baseline.py": [1, 20],
     "ppo_continuous.py": [40],
     "ppo_atari.py": [16],
+    "ppo_procgen_impala.py": [24],  # 3 epochs x 8 minibatches
 }
 # A fast environment of each script's kind for the tests that play whole episodes on gymnasium, and one
 # that can render for the video test (the probes cannot; an untrained Breakout game is short).
@@ -45,18 +47,22 @@ QUICK_ENV = {
     **DEFAULT_ENV,
     "ppo_continuous.py": "InvertedPendulum-v4",
     "ppo_atari.py": "probe_envs:Probe1Atari-v0",
+    "ppo_procgen_impala.py": "probe_envs:Probe1Procgen-v0",
 }
-VIDEO_ENV = {**QUICK_ENV, "ppo_atari.py": "Breakout-v5"}
+VIDEO_ENV = {**QUICK_ENV, "ppo_atari.py": "Breakout-v5", "ppo_procgen_impala.py": "bigfish"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_cli_prints_summary_as_last_line(script, run_dir):
-    proc = run_cli(script, "--total-timesteps", "4096", "--run-dir", run_dir, "--seed", "3")
+    proc = run_cli(
+        script, *CLI_FLAGS[script], "--total-timesteps", "4096", "--run-dir", run_dir, "--seed", "3"
+    )
     assert proc.returncode == 0, proc.stderr
     summary = last_json(proc.stdout)
     path = summary["run_dir"]
     check_run_outputs(summary)
-    assert summary["seed"] == 3 and summary["backend"] == "envpool" and summary["global_step"] >= 4096
+    backend = "procgen" if script == "ppo_procgen_impala.py" else "envpool"
+    assert summary["seed"] == 3 and summary["backend"] == backend and summary["global_step"] >= 4096
     assert json.load(open(os.path.join(path, "args.json")))["seed"] == 3
     assert os.path.basename(path).startswith(f"{DEFAULT_ENV[script]}__{script[:-3]}__3__")
     assert proc.stderr == ""  # no warnings or notices on a normal run
@@ -71,6 +77,7 @@ BAD_INPUT = [
 # An environment whose observations the script cannot take, and the message that names the right script.
 WRONG_OBSERVATIONS = {s: ("probe_envs:Probe1Atari-v0", "needs vector observations") for s in SCRIPTS}
 WRONG_OBSERVATIONS["ppo_atari.py"] = ("probe_envs:Probe1-v0", "needs (4, 84, 84) uint8 frames")
+WRONG_OBSERVATIONS["ppo_procgen_impala.py"] = ("probe_envs:Probe1Atari-v0", "needs (64, 64, 3) uint8 images")
 SCRIPT_BAD_INPUT = {
     "ppo.py": [
         (["--num-minibatches", "3"], "must divide the batch size"),
@@ -91,6 +98,15 @@ SCRIPT_BAD_INPUT = {
         (["--env-id", "Breakout-v5", "--env-backend", "gymnasium"], "is an Atari id: it runs on envpool"),
         (["--num-minibatches", "3"], "must divide the batch size"),
     ],
+    "ppo_procgen_impala.py": [
+        (
+            ["--env-id", "procgen-bigfsh-v0"],
+            "unknown Procgen game 'bigfsh' in 'procgen-bigfsh-v0'; did you mean",
+        ),
+        (["--env-id", "bigfsh"], "unknown environment id 'bigfsh'; did you mean bigfish"),
+        (["--num-levels", "-1"], "--num-levels must be >= 0"),
+        (["--num-minibatches", "3"], "must divide the batch size"),
+    ],
 }
 
 
@@ -105,7 +121,9 @@ SCRIPT_BAD_INPUT = {
     ],
 )
 def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, script, flags, message):
-    proc = run_cli(script, *flags, "--run-dir", tmp_path / "runs", "--total-timesteps", "4096")
+    proc = run_cli(
+        script, *CLI_FLAGS[script], *flags, "--run-dir", tmp_path / "runs", "--total-timesteps", "4096"
+    )
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -141,7 +159,8 @@ def test_resume_from_another_scripts_checkpoint_is_a_clear_error(run_dir):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_interrupt_saves_checkpoint_and_summary(script, run_dir):
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, script), "--total-timesteps", "50000000", "--run-dir", run_dir],
+        [sys.executable, os.path.join(ROOT, script), *CLI_FLAGS[script], "--total-timesteps", "50000000"]
+        + ["--run-dir", run_dir],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -264,7 +283,8 @@ def test_progress_bar_only_on_a_terminal(script, run_dir):
     # a new pty is 0 x 0 characters, and tqdm draws nothing in zero columns: give it a real terminal's size
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, script), "--total-timesteps", "4096", "--run-dir", run_dir],
+        [sys.executable, os.path.join(ROOT, script), *CLI_FLAGS[script], "--total-timesteps", "4096"]
+        + ["--run-dir", run_dir],
         stdout=follower,
         stderr=follower,
         cwd=ROOT,
@@ -283,5 +303,5 @@ def test_progress_bar_only_on_a_terminal(script, run_dir):
     text = output.decode(errors="replace")
     assert "step/s" in text and "sps=" in text and "ret=" in text, text[-500:]
     assert json.loads(text.strip().splitlines()[-1])["global_step"] >= 4096
-    piped = run_cli(script, "--total-timesteps", "4096", "--run-dir", run_dir)
+    piped = run_cli(script, *CLI_FLAGS[script], "--total-timesteps", "4096", "--run-dir", run_dir)
     assert "step/s" not in piped.stdout + piped.stderr
