@@ -123,6 +123,10 @@ class Args:
     """bootstrap a time-limit truncation from V(final observation); off treats it as a termination (classic)"""
     eval_episodes: int = 0
     """whole games of greedy play (argmax action) after training, raw score logged as eval/episodic_return"""
+    compile: bool = False
+    """if toggled, torch.compile acting, GAE and the loss (README, Speed: measured; first iterations compile)"""
+    cudagraphs: bool = False
+    """if toggled (CUDA only), also record them as CUDA graphs (torch.compile's mode `reduce-overhead`)"""
 
     # to be filled in __post_init__
     batch_size: int = field(init=False)
@@ -551,6 +555,8 @@ def main(args: Args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # Everything that can fail on the user's input fails here, before anything is written.
+    if args.cudagraphs and device.type != "cuda":
+        raise UsageError("--cudagraphs needs a CUDA device (CUDA graphs replay GPU kernels)")
     ckpt = load_checkpoint(args.resume, device) if args.resume else None
     envs = make_env(
         args.env_id, args.num_envs, args.seed + (ckpt["global_step"] if ckpt else 0), args.env_backend
@@ -627,6 +633,15 @@ def main(args: Args) -> dict:
     print(
         f"run: {run_path}  env: {args.env_id} ({envs.backend}, {envs.protocol})  device: {device}", flush=True
     )
+
+    # --compile: the same functions through torch.compile, which fuses their many small operations into a
+    # few kernels (README, Speed: what it buys, measured); --cudagraphs also records them as CUDA graphs.
+    gae_fn, loss_fn = compute_gae, ppo_loss
+    if args.compile or args.cudagraphs:
+        mode = "reduce-overhead" if args.cudagraphs else "default"
+        agent.get_action = torch.compile(agent.get_action, mode=mode)
+        agent.get_action_and_value = torch.compile(agent.get_action_and_value, mode=mode)
+        gae_fn, loss_fn = torch.compile(compute_gae, mode=mode), torch.compile(ppo_loss, mode=mode)
 
     # Storage, allocated once on the device.
     # (T, N, 4, 84, 84) uint8 frames, as the env gives them: the network converts them to floats
@@ -716,7 +731,7 @@ def main(args: Args) -> dict:
             b_rewards, b_terminations, b_dones = (
                 torch.as_tensor(x, device=device) for x in (rewards, terminations, dones)
             )
-            advantages, returns = compute_gae(
+            advantages, returns = gae_fn(
                 values=values,
                 next_values=next_values,
                 rewards=b_rewards,
@@ -746,7 +761,7 @@ def main(args: Args) -> dict:
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(
                     b_obs[mb_inds], b_actions[mb_inds]
                 )
-                loss, stats = ppo_loss(
+                loss, stats = loss_fn(
                     newlogprob=newlogprob,
                     oldlogprob=b_logprobs[mb_inds],
                     advantages=b_advantages[mb_inds],

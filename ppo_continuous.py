@@ -132,6 +132,10 @@ class Args:
     `--eval-checkpoint`, 0 means 10"""
     eval_checkpoint: Optional[str] = None
     """evaluate this checkpoint (weights and normalisation, frozen) for `--eval-episodes` and exit, no training"""
+    compile: bool = False
+    """if toggled, torch.compile acting, GAE and the loss (README, Speed: measured; first iterations compile)"""
+    cudagraphs: bool = False
+    """if toggled (CUDA only), also record them as CUDA graphs (torch.compile's mode `reduce-overhead`)"""
 
     # to be filled in __post_init__
     batch_size: int = field(init=False)
@@ -571,6 +575,8 @@ def main(args: Args) -> dict:
         return evaluate_checkpoint(args, device)
 
     # Everything that can fail on the user's input fails here, before anything is written.
+    if args.cudagraphs and device.type != "cuda":
+        raise UsageError("--cudagraphs needs a CUDA device (CUDA graphs replay GPU kernels)")
     ckpt = load_checkpoint(args.resume, device) if args.resume else None
     envs = make_env(
         args.env_id, args.num_envs, args.seed + (ckpt["global_step"] if ckpt else 0), args.env_backend
@@ -646,6 +652,15 @@ def main(args: Args) -> dict:
 
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
     print(f"run: {run_path}  env: {args.env_id} ({envs.backend})  device: {device}", flush=True)
+
+    # --compile: the same functions through torch.compile, which fuses their many small operations into a
+    # few kernels (README, Speed: what it buys, measured); --cudagraphs also records them as CUDA graphs.
+    gae_fn, loss_fn = compute_gae, ppo_loss
+    if args.compile or args.cudagraphs:
+        mode = "reduce-overhead" if args.cudagraphs else "default"
+        agent.get_action = torch.compile(agent.get_action, mode=mode)
+        agent.get_action_and_value = torch.compile(agent.get_action_and_value, mode=mode)
+        gae_fn, loss_fn = torch.compile(compute_gae, mode=mode), torch.compile(ppo_loss, mode=mode)
 
     # Storage, allocated once on the device.
     # (T, N, obs_dim)
@@ -735,7 +750,7 @@ def main(args: Args) -> dict:
             b_rewards, b_terminations, b_dones = (
                 torch.as_tensor(x, device=device) for x in (scaled_rewards, terminations, dones)
             )
-            advantages, returns = compute_gae(
+            advantages, returns = gae_fn(
                 values=values,
                 next_values=next_values,
                 rewards=b_rewards,
@@ -765,7 +780,7 @@ def main(args: Args) -> dict:
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(
                     b_obs[mb_inds], b_actions[mb_inds]
                 )
-                loss, stats = ppo_loss(
+                loss, stats = loss_fn(
                     newlogprob=newlogprob,
                     oldlogprob=b_logprobs[mb_inds],
                     advantages=b_advantages[mb_inds],

@@ -137,6 +137,10 @@ class Args:
     """bootstrap a time-limit truncation from V(final observation); off treats it as a termination (classic)"""
     eval_episodes: int = 0
     """episodes of greedy play (argmax action) on unseen levels after training, logged as eval/episodic_return"""
+    compile: bool = False
+    """if toggled, torch.compile acting, GAE and the loss (README, Speed: measured; first iterations compile)"""
+    cudagraphs: bool = False
+    """if toggled (CUDA only), also record them as CUDA graphs (torch.compile's mode `reduce-overhead`)"""
 
     # to be filled in __post_init__
     batch_size: int = field(init=False)
@@ -665,6 +669,8 @@ def main(args: Args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # Everything that can fail on the user's input fails here, before anything is written.
+    if args.cudagraphs and device.type != "cuda":
+        raise UsageError("--cudagraphs needs a CUDA device (CUDA graphs replay GPU kernels)")
     ckpt = load_checkpoint(args.resume, device) if args.resume else None
     levels = dict(
         num_levels=args.num_levels, start_level=args.start_level, distribution_mode=args.distribution_mode
@@ -759,6 +765,15 @@ def main(args: Args) -> dict:
     print(
         f"run: {run_path}  env: {args.env_id} ({envs.backend}, {envs.protocol})  device: {device}", flush=True
     )
+
+    # --compile: the same functions through torch.compile, which fuses their many small operations into a
+    # few kernels (README, Speed: what it buys, measured); --cudagraphs also records them as CUDA graphs.
+    gae_fn, loss_fn = compute_gae, ppo_loss
+    if args.compile or args.cudagraphs:
+        mode = "reduce-overhead" if args.cudagraphs else "default"
+        agent.get_action = torch.compile(agent.get_action, mode=mode)
+        agent.get_action_and_value = torch.compile(agent.get_action_and_value, mode=mode)
+        gae_fn, loss_fn = torch.compile(compute_gae, mode=mode), torch.compile(ppo_loss, mode=mode)
 
     # Storage, allocated once on the device.
     # (T, N, 64, 64, 3) uint8 images, as the env gives them: the network converts them to floats
@@ -869,7 +884,7 @@ def main(args: Args) -> dict:
             b_rewards, b_terminations, b_dones = (
                 torch.as_tensor(x, device=device) for x in (scaled_rewards, terminations, dones)
             )
-            advantages, returns = compute_gae(
+            advantages, returns = gae_fn(
                 values=values,
                 next_values=next_values,
                 rewards=b_rewards,
@@ -899,7 +914,7 @@ def main(args: Args) -> dict:
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(
                     b_obs[mb_inds], b_actions[mb_inds]
                 )
-                loss, stats = ppo_loss(
+                loss, stats = loss_fn(
                     newlogprob=newlogprob,
                     oldlogprob=b_logprobs[mb_inds],
                     advantages=b_advantages[mb_inds],

@@ -74,22 +74,26 @@ BAD_INPUT = [
     (["--resume", "/nonexistent/checkpoint.pt"], "no checkpoint file"),
     (["--learning-rate", "-1"], "--learning-rate must be > 0"),
 ]
+CUDAGRAPHS_ON_CPU = (["--cudagraphs", "--no-cuda"], "--cudagraphs needs a CUDA device")
 # An environment whose observations the script cannot take, and the message that names the right script.
 WRONG_OBSERVATIONS = {s: ("probe_envs:Probe1Atari-v0", "needs vector observations") for s in SCRIPTS}
 WRONG_OBSERVATIONS["ppo_atari.py"] = ("probe_envs:Probe1-v0", "needs (4, 84, 84) uint8 frames")
 WRONG_OBSERVATIONS["ppo_procgen_impala.py"] = ("probe_envs:Probe1Atari-v0", "needs (64, 64, 3) uint8 images")
 SCRIPT_BAD_INPUT = {
     "ppo.py": [
+        CUDAGRAPHS_ON_CPU,
         (["--num-minibatches", "3"], "must divide the batch size"),
         (["--env-id", "Pendulum-v1", "--env-backend", "gymnasium"], "needs discrete actions"),
     ],
     "reinforce.py": [(["--batch-size", "0"], "--batch-size must be >= 1")],
     "reinforce_baseline.py": [(["--value-epochs", "0"], "--value-epochs must be >= 1")],
     "ppo_continuous.py": [
+        CUDAGRAPHS_ON_CPU,
         (["--env-id", "CartPole-v1"], "needs Box (continuous) actions"),
         (["--eval-checkpoint", "/nonexistent.pt"], "no checkpoint file"),
     ],
     "ppo_atari.py": [
+        CUDAGRAPHS_ON_CPU,
         (
             ["--env-id", "BreakotNoFrameskip-v4"],
             "unknown Atari game 'Breakot' in 'BreakotNoFrameskip-v4'; did",
@@ -99,6 +103,7 @@ SCRIPT_BAD_INPUT = {
         (["--num-minibatches", "3"], "must divide the batch size"),
     ],
     "ppo_procgen_impala.py": [
+        CUDAGRAPHS_ON_CPU,
         (
             ["--env-id", "procgen-bigfsh-v0"],
             "unknown Procgen game 'bigfsh' in 'procgen-bigfsh-v0'; did you mean",
