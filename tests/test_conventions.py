@@ -17,6 +17,7 @@ import torch
 import tests.envs  # noqa: F401  (registers Counting-v0 and friends)
 from tests.conftest import (
     CLI_FLAGS,
+    CLI_STEPS,
     COUNTING,
     DEFAULT_ENV,
     ROOT,
@@ -54,15 +55,16 @@ VIDEO_ENV = {**QUICK_ENV, "ppo_atari.py": "Breakout-v5", "ppo_procgen_impala.py"
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_cli_prints_summary_as_last_line(script, run_dir):
+    steps = CLI_STEPS[script]
     proc = run_cli(
-        script, *CLI_FLAGS[script], "--total-timesteps", "4096", "--run-dir", run_dir, "--seed", "3"
+        script, *CLI_FLAGS[script], "--total-timesteps", steps, "--run-dir", run_dir, "--seed", "3"
     )
     assert proc.returncode == 0, proc.stderr
     summary = last_json(proc.stdout)
     path = summary["run_dir"]
     check_run_outputs(summary)
     backend = "procgen" if script == "ppo_procgen_impala.py" else "envpool"
-    assert summary["seed"] == 3 and summary["backend"] == backend and summary["global_step"] >= 4096
+    assert summary["seed"] == 3 and summary["backend"] == backend and summary["global_step"] >= steps
     assert json.load(open(os.path.join(path, "args.json")))["seed"] == 3
     assert os.path.basename(path).startswith(f"{DEFAULT_ENV[script]}__{script[:-3]}__3__")
     assert proc.stderr == ""  # no warnings or notices on a normal run
@@ -288,8 +290,8 @@ def test_progress_bar_only_on_a_terminal(script, run_dir):
     # a new pty is 0 x 0 characters, and tqdm draws nothing in zero columns: give it a real terminal's size
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, script), *CLI_FLAGS[script], "--total-timesteps", "4096"]
-        + ["--run-dir", run_dir],
+        [sys.executable, os.path.join(ROOT, script), *CLI_FLAGS[script]]
+        + ["--total-timesteps", str(CLI_STEPS[script]), "--run-dir", run_dir],
         stdout=follower,
         stderr=follower,
         cwd=ROOT,
@@ -307,6 +309,6 @@ def test_progress_bar_only_on_a_terminal(script, run_dir):
     assert proc.wait(timeout=120) == 0
     text = output.decode(errors="replace")
     assert "step/s" in text and "sps=" in text and "ret=" in text, text[-500:]
-    assert json.loads(text.strip().splitlines()[-1])["global_step"] >= 4096
-    piped = run_cli(script, *CLI_FLAGS[script], "--total-timesteps", "4096", "--run-dir", run_dir)
+    assert json.loads(text.strip().splitlines()[-1])["global_step"] >= CLI_STEPS[script]
+    piped = run_cli(script, *CLI_FLAGS[script], "--total-timesteps", CLI_STEPS[script], "--run-dir", run_dir)
     assert "step/s" not in piped.stdout + piped.stderr
