@@ -145,6 +145,13 @@ def main():
             f"| `{r['script']}` | {r['env']} | {r['device']} | {r['options']} | {r['training_sps']:,} | {steady} | "
             f"{r['env_only_sps']:,} | {r['ratio']:.2f} |"
         )
+    # a run of some scripts updates their rows in an existing file and keeps the others
+    if os.path.exists(args.out):
+        key = lambda r: (r["script"], r["device"], r["options"])  # noqa: E731
+        new = {key(r) for r in rows}
+        old = json.load(open(args.out))
+        result["rows"] = [r for r in old["rows"] if key(r) not in new] + rows
+        result["command"] = old["command"] + " ; " + result["command"]
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 

@@ -1,13 +1,13 @@
 """ppo_procgen_impala.py on bigfish (easy): the IMPALA CNN against the Nature CNN, seeds 1 and 2 each.
 
-    python benchmarks/procgen.py                    # the README's plot: CPU configuration, 200k steps
-    python benchmarks/procgen.py --total-timesteps 25000000 --flags=""   # the paper's setting (a GPU's budget)
+    python benchmarks/procgen_networks.py                    # the README's plot: CPU configuration, 200k steps
+    python benchmarks/procgen_networks.py --total-timesteps 25000000 --flags=""   # the paper's setting (a GPU's budget)
 
 Runs `python ppo_procgen_impala.py --env-id ENV --network NET --seed S --total-timesteps N FLAGS` as a user
 would, `--jobs` at a time. The default FLAGS are the CPU configuration of the README (16 envs x 128 steps,
 4 minibatches: 8x more updates per environment step than the paper's 64 x 256, for budgets a CPU can
-afford). Writes benchmarks/procgen.json (per run: mean of the last 100 training and test episodes, SPS) and
-benchmarks/procgen.png (training and unseen-level test return, both networks).
+afford). Writes benchmarks/procgen_networks.json (per run: mean of the last 100 training and test episodes, SPS) and
+benchmarks/procgen_networks.png (training and unseen-level test return, both networks).
 """
 
 import argparse
@@ -76,7 +76,7 @@ def main():
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     grid = np.linspace(args.total_timesteps / 40, args.total_timesteps, 40)
     result = {
-        "command": "python benchmarks/procgen.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/procgen_networks.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "env_id": args.env_id,
         "flags": args.flags,
@@ -106,7 +106,7 @@ def main():
             }
             for s in runs
         }
-    save_results(fig, result, "procgen")
+    save_results(fig, result, "procgen_networks")
 
 
 if __name__ == "__main__":
