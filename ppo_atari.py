@@ -19,7 +19,7 @@ Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Op
 
 Run:    python ppo_atari.py --env-id BreakoutNoFrameskip-v4 --seed 1
 Expect: a faithful PPO reaches about 400 on Breakout in 10M steps (CleanRL: 415 +- 28); random play scores
-        about 1.5. What this 2-core CPU machine reaches in its budget is in the README, with the command.
+        about 1.1. What this 2-core CPU machine reaches in its budget is in the README, with the command.
 """
 
 import contextlib
