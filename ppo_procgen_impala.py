@@ -422,8 +422,8 @@ class Agent(nn.Module):
     """A CNN trunk shared by a policy head and a value head, on (64, 64, 3) uint8 images.
 
     `impala` (Espeholt et al. 2018, the Procgen paper's network): stacks of 16, 32, 32 channels take the
-    image from 64x64 to 32x32, 16x16 and 8x8; 32 x 8 x 8 features -> 256 units. Its convolutions keep the
-    default (PyTorch) initialisation, as in the Procgen paper's code; only the heads are orthogonal.
+    image from 64x64 to 32x32, 16x16 and 8x8; 32 x 8 x 8 features -> 256 units. Its convolutions keep
+    PyTorch's default initialisation (as CleanRL's ppo_procgen.py); the linear layers are orthogonal.
     `nature` (Mnih et al. 2015, ppo_atari.py's network): 8x8/4, 4x4/2, 3x3/1 convolutions take 64x64 to
     15x15, 6x6 and 4x4; 64 x 4 x 4 features -> 512 units. The policy head's 0.01 gain makes the initial
     policy close to uniform; the value head's gain is 1 (baselines' PPO).
