@@ -8,8 +8,8 @@ and no learning (the ceiling), on the CPU or, with --cuda, on a GPU.
 
 Training SPS is the script's own `sps` (environment steps per second after start-up, summed over envs) from
 `python SCRIPT --total-timesteps N --no-progress`, run as a user would, one run at a time. The ceiling builds
-the script's environments with its own `make_env` and its default number of envs, and steps them with
-uniformly random actions. Prints a table and writes benchmarks/speed.json (or --out).
+the script's environments with its own `make_env` and its default number of envs (on one core when the
+script's default is --pin-cpu), and steps them with uniformly random actions. Prints a table and writes benchmarks/speed.json (or --out).
 """
 
 import argparse
@@ -62,6 +62,9 @@ def env_only_sps(script, seconds=10.0, seed=1):
     sys.path.insert(0, ROOT)
     module = importlib.import_module(script[: -len(".py")])
     defaults = module.Args(total_timesteps=10**9)
+    previous_cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    if defaults.pin_cpu:  # on one core if the script's training runs there by default (--pin-cpu)
+        module.pin_to_current_core()
     envs = module.make_env(defaults.env_id, defaults.num_envs, seed)
     space = envs.single_action_space
     rng = np.random.default_rng(seed)
@@ -80,6 +83,8 @@ def env_only_sps(script, seconds=10.0, seed=1):
         steps += envs.num_envs
     sps = steps / (time.perf_counter() - start)
     envs.close()
+    if previous_cores is not None:
+        os.sched_setaffinity(0, previous_cores)
     return defaults.env_id, int(sps)
 
 

@@ -115,6 +115,9 @@ def small_args(script, run_dir, **overrides):
         "run_dir": run_dir,
         "progress": False,
         "torch_threads": 1,
+        # these runs share the pytest process: pinning it would hold every later test, and every process
+        # they start, to one core (test_conventions.py tests --pin-cpu in processes of its own)
+        "pin_cpu": False,
     }  # 1 thread in tests
     return module.Args(**{**defaults, **overrides})
 

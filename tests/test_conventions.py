@@ -253,7 +253,7 @@ def test_track_with_wandb_offline(run_dir, monkeypatch):
     assert os.path.isdir(os.path.join(summary["run_dir"], "wandb"))
 
 
-SHARED = ["make_env", "layer_init", "make_run_path", "load_checkpoint", "write_json"]
+SHARED = ["make_env", "layer_init", "pin_to_current_core", "make_run_path", "load_checkpoint", "write_json"]
 PPO_SHARED = ["compute_gae", "masked_mean", "normalize_advantages", "explained_variance", "ppo_loss"]
 
 
@@ -270,6 +270,7 @@ def test_shared_blocks_are_word_for_word_copies_of_ppo(script):
         assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(ppo, name)), name
     # the W&B, writer and Ctrl-C set-up of main(), line for line
     for start, end in (
+        ("    device = torch.device(", "    torch.set_num_threads("),
         ("    if args.track:\n", "    writer.add_text("),
         ("    interrupted = False\n", '    print(f"run: '),
     ):
@@ -312,3 +313,72 @@ def test_progress_bar_only_on_a_terminal(script, run_dir):
     assert json.loads(text.strip().splitlines()[-1])["global_step"] >= CLI_STEPS[script]
     piped = run_cli(script, *CLI_FLAGS[script], "--total-timesteps", CLI_STEPS[script], "--run-dir", run_dir)
     assert "step/s" not in piped.stdout + piped.stderr
+
+
+# Every thread of a process and the cores it may run on, as the process itself sees them (proc(5)).
+THREAD_CORES = """
+import json, os
+def thread_cores():
+    cores = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/status") as f:
+            line = next(x for x in f if x.startswith("Cpus_allowed_list:"))
+        cores[tid] = line.split()[1]
+    return cores
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/stat"), reason="CPU affinity is Linux-only")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_pin_to_current_core_holds_every_later_thread(script):
+    """pin_to_current_core() puts the calling thread on the core it is running on, and every thread started
+    after it (envpool's workers, torch's) inherits that core; without it the workers may use every core."""
+    code = (
+        THREAD_CORES
+        + f"""
+import sys, torch
+sys.path.insert(0, {ROOT!r})
+import {script[:-3]} as module
+allowed = sorted(os.sched_getaffinity(0))
+before = thread_cores()  # threads of the imports (numpy's BLAS pool): started before, left as they are
+core = module.pin_to_current_core() if sys.argv[1] == "pin" else None
+defaults = module.Args(total_timesteps=10**6)
+envs = module.make_env(defaults.env_id, defaults.num_envs, 1)
+envs.reset()
+torch.set_num_threads(2)
+torch.randn(256, 256) @ torch.randn(256, 256)
+later = {{tid: cores for tid, cores in thread_cores().items() if tid not in before}}
+print(json.dumps({{"allowed": allowed, "core": core, "later": later, "main": thread_cores()[str(os.getpid())]}}))
+"""
+    )
+    for mode in ("pin", "no-pin"):
+        proc = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+        result = last_json(proc.stdout)
+        if script != "ppo_procgen_impala.py":  # envpool steps in worker threads (procgen in this one)
+            assert result["later"], result
+        if mode == "pin":
+            assert result["core"] in result["allowed"]
+            assert result["main"] == str(result["core"]), result
+            assert set(result["later"].values()) <= {str(result["core"])}, result
+        elif len(result["allowed"]) > 1:  # the control: unpinned, every thread may run on several cores
+            several = lambda cores: "-" in cores or "," in cores  # noqa: E731  ("0-1", "0,2")
+            assert several(result["main"]) and all(map(several, result["later"].values())), result
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/stat"), reason="CPU affinity is Linux-only")
+def test_pin_cpu_keeps_the_core_it_was_given(run_dir):
+    """Under `taskset -c K` (each run of a parallel sweep on its own core), --pin-cpu stays on core K, and the
+    summary says which core it ran on; --no-pin-cpu says none."""
+    core = max(os.sched_getaffinity(0))
+    flags = ["--total-timesteps", "1024", "--run-dir", run_dir, "--no-progress"]
+    for pin, expected in (("--pin-cpu", core), ("--no-pin-cpu", None)):
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "ppo.py"), *flags, pin],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            preexec_fn=lambda: os.sched_setaffinity(0, {core}),
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert last_json(proc.stdout)["cpu_core"] == expected
