@@ -422,7 +422,7 @@ def main(args: Args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     # --pin-cpu, first, so that every thread started later inherits it. envpool steps the environments in
     # worker threads; on another core, every step's hand-off between the training loop and a worker costs
-    # more than a CartPole step itself (README, Speed: on the 2-core machine ppo.py went from 9.5k to 12k SPS).
+    # more than a CartPole step itself (README, Speed: ppo.py on the 2-core machine, 9k -> 12-13k SPS).
     cpu_core = pin_to_current_core() if args.pin_cpu and device.type == "cpu" else None
     torch.set_num_threads(args.torch_threads)
     random.seed(args.seed)

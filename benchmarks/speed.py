@@ -9,7 +9,8 @@ and no learning (the ceiling), on the CPU or, with --cuda, on a GPU.
 Training SPS is the script's own `sps` (environment steps per second after start-up, summed over envs) from
 `python SCRIPT --total-timesteps N --no-progress`, run as a user would, one run at a time. The ceiling builds
 the script's environments with its own `make_env` and its default number of envs (on one core when the
-script's default is --pin-cpu), and steps them with uniformly random actions. Prints a table and writes benchmarks/speed.json (or --out).
+script's default is --pin-cpu), and steps them with uniformly random actions. Prints a table and writes
+benchmarks/speed.json (or --out).
 """
 
 import argparse

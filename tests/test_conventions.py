@@ -348,7 +348,8 @@ envs.reset()
 torch.set_num_threads(2)
 torch.randn(256, 256) @ torch.randn(256, 256)
 later = {{tid: cores for tid, cores in thread_cores().items() if tid not in before}}
-print(json.dumps({{"allowed": allowed, "core": core, "later": later, "main": thread_cores()[str(os.getpid())]}}))
+main = thread_cores()[str(os.getpid())]
+print(json.dumps({{"allowed": allowed, "core": core, "later": later, "main": main}}))
 """
     )
     for mode in ("pin", "no-pin"):
