@@ -63,6 +63,18 @@ def run_dir(tmp_path):
     return str(tmp_path / "runs")
 
 
+@pytest.fixture(autouse=True)
+def cores_unchanged():
+    """A test that runs a script's main() in the pytest process with --pin-cpu would leave the process, and
+    every process later tests start, on one core (the probe runs would then share it): fail that test."""
+    if not hasattr(os, "sched_getaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    yield
+    assert os.sched_getaffinity(0) == before, "the test pinned the pytest process (pass pin_cpu=False)"
+
+
 # The smallest budget for each script that reaches at least two updates on its default environment.
 SMALL = {
     "ppo.py": dict(total_timesteps=256, num_envs=4, num_steps=32),
