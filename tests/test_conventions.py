@@ -356,7 +356,7 @@ print(json.dumps({{"allowed": allowed, "core": core, "later": later, "main": mai
         proc = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr
         result = last_json(proc.stdout)
-        if script != "ppo_procgen_impala.py":  # envpool steps in worker threads (procgen in this one)
+        if script != "ppo_procgen_impala.py":  # envpool steps in worker threads, procgen in the calling one
             assert result["later"], result
         if mode == "pin":
             assert result["core"] in result["allowed"]
