@@ -231,7 +231,7 @@ def load_agent(script: str, checkpoint: str):
     spec = importlib.util.spec_from_file_location(f"probe_target_{script[:-3]}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)  # a checkpoint is data, never code
     env = gym.make(f"probe_envs:{ckpt['args']['env_id'].split(':')[-1]}")
     agent = module.Agent(env.observation_space, env.action_space)
     agent.load_state_dict(ckpt["agent"])

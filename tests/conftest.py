@@ -11,7 +11,7 @@ import torch
 torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Every metric of the schema in CONVENTIONS.md that a discrete-action PPO script logs.
+# Every metric of the schema in docs/conventions.md that a discrete-action PPO script logs.
 PPO_METRICS = [
     "charts/episodic_return",
     "charts/episodic_length",
@@ -113,6 +113,13 @@ COUNTING["ppo_atari.py"] = "tests.envs:Counting{}Atari-v0"
 COUNTING["ppo_procgen_impala.py"] = "tests.envs:Counting{}Procgen-v0"
 
 
+def named_args(fn, args, kwargs) -> dict:
+    """The arguments of a call to fn by parameter name, however the call passed them (for spies)."""
+    import inspect
+
+    return dict(inspect.signature(fn).bind(*args, **kwargs).arguments)
+
+
 def load_script(script):
     """Import a top-level script as a module (importing does no work)."""
     import importlib
@@ -142,12 +149,13 @@ SUMMARY_KEYS = (
     "episodic_return_mean_last100",
     "sps",
     "wall_seconds",
+    "status",
 )
 
 
 def check_run_outputs(summary: dict, checkpoint: bool = False):
     """A finished run's directory holds args.json, summary.json equal to the printed summary with every key
-    of CONVENTIONS.md, TensorBoard events, the checkpoint if asked for, and no half-written temporary file."""
+    of docs/conventions.md, TensorBoard events, the checkpoint if asked for, and no half-written temporary file."""
     path = summary["run_dir"]
     files = os.listdir(path)
     for name in ("args.json", "summary.json") + (("checkpoint.pt",) if checkpoint else ()):

@@ -10,7 +10,7 @@ import torch
 import ppo
 import tests.envs  # noqa: F401  (registers Counting-v0 and friends)
 from tests import conftest
-from tests.conftest import PPO_METRICS, check_run_outputs, read_scalars
+from tests.conftest import PPO_METRICS, check_run_outputs, named_args, read_scalars
 
 
 def small_args(run_dir, **overrides):
@@ -190,7 +190,7 @@ def test_autoreset_steps_never_enter_the_loss(run_dir, monkeypatch):
         return real_gav(self, x, action)
 
     def spy_loss(*args, **kwargs):
-        seen_masks.append(kwargs["mask"].clone())
+        seen_masks.append(named_args(real_loss, args, kwargs)["mask"].clone())
         return real_loss(*args, **kwargs)
 
     monkeypatch.setattr(ppo.Agent, "get_action_and_value", spy_gav)
@@ -210,9 +210,9 @@ def test_autoreset_steps_never_enter_the_loss(run_dir, monkeypatch):
 def test_truncation_bootstraps_unless_disabled(run_dir, monkeypatch, bootstrap):
     captured = []
 
-    def spy_gae(**kw):
-        captured.append(kw)
-        return real_gae(**kw)
+    def spy_gae(*args, **kwargs):
+        captured.append(named_args(real_gae, args, kwargs))
+        return real_gae(*args, **kwargs)
 
     real_gae = ppo.compute_gae
     monkeypatch.setattr(ppo, "compute_gae", spy_gae)
@@ -252,7 +252,7 @@ def test_smoke_outputs_metrics_and_means(run_dir, monkeypatch):
     for key in ("policy_loss", "value_loss", "approx_kl", "clipfrac"):
         logged = scalars[f"losses/{key}"][0][1]
         assert logged == pytest.approx(np.mean([m[key] for m in first_update]), rel=1e-5, abs=1e-7)
-    ckpt = torch.load(os.path.join(path, "checkpoint.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(path, "checkpoint.pt"), weights_only=True)
     assert {"agent", "optimizer", "args", "global_step", "iteration", "rng"} <= set(ckpt)
     assert not [f for f in os.listdir(path) if f.endswith(".tmp")]
 

@@ -1,0 +1,265 @@
+"""The run harness's promises, tested once, on ppo.py: the harness below the fence is the same bytes in every
+script (test_conventions.py checks that), and ppo.py runs fastest. Checkpoints are data, read once, on the
+CPU; SIGINT and SIGTERM stop cleanly, also during evaluation, and a second signal quits without a traceback;
+resume keeps the learning-rate schedule continuous and the record of what changed; every failure is one line
+on stderr, exit 1, and a JSON last line whose status names it; nothing is written before the input is known
+to be good."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import ppo
+import tests.envs  # noqa: F401  (registers Counting-v0 and friends)
+from tests.conftest import ROOT, last_json, read_scalars, run_cli, small_args
+
+
+def first_run(run_dir, **overrides):
+    """A finished ppo.py run with its checkpoint: 2 iterations of 4 envs x 32 steps unless overridden."""
+    summary = ppo.main(small_args("ppo.py", run_dir, save_model=True, **overrides))
+    return summary, os.path.join(summary["run_dir"], "checkpoint.pt")
+
+
+def one_error_line(proc, text):
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert text in proc.stderr, proc.stderr
+
+
+def snapshot(path):
+    """Every file below path with its size and modification time: 'nothing changed' made checkable."""
+    return {
+        os.path.join(d, f): (os.stat(os.path.join(d, f)).st_size, os.stat(os.path.join(d, f)).st_mtime_ns)
+        for d, _, files in os.walk(path)
+        for f in files
+    }
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+class RunsAShellCommand:
+    """What a malicious checkpoint would carry: unpickling it calls os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--eval-checkpoint"])
+def test_a_checkpoint_holding_code_is_refused_and_runs_nothing(run_dir, tmp_path, flag):
+    _, path = first_run(run_dir)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["extra"] = RunsAShellCommand(tmp_path / "ran")
+    torch.save(ckpt, tmp_path / "crafted.pt")
+    proc = run_cli("ppo.py", flag, tmp_path / "crafted.pt", "--run-dir", run_dir)
+    one_error_line(proc, "refused checkpoint")
+    assert last_json(proc.stdout)["status"] == "usage error"
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_checkpoint_is_read_once_on_the_cpu(run_dir, monkeypatch):
+    _, path = first_run(run_dir)
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    ppo.main(ppo.parse_args(["--resume", path, "--total-timesteps", "384"]))
+    assert calls == [{"map_location": "cpu", "weights_only": True}]  # parse_args and the run share one read
+    ckpt = real_load(path, weights_only=True)
+    # the RNG states stay CPU byte tensors (torch.set_rng_state refuses anything else); weights load on the
+    # CPU and load_state_dict copies them to wherever the agent lives
+    assert ckpt["rng"]["torch"].dtype == torch.uint8 and ckpt["rng"]["torch"].device.type == "cpu"
+    assert all(v.device.type == "cpu" for v in ckpt["agent"].values())
+
+
+def test_a_checkpoint_for_other_shapes_is_one_line(run_dir):
+    summary, path = first_run(run_dir)
+    before = snapshot(summary["run_dir"])
+    for flag in ("--resume", "--eval-checkpoint"):
+        proc = run_cli("ppo.py", flag, path, "--env-id", "Acrobot-v1", "--total-timesteps", "4096")
+        one_error_line(proc, "does not fit this run's agent")
+    assert snapshot(summary["run_dir"]) == before
+
+
+# ------------------------------------------------------------------------------------------- signals
+def start_cli(run_dir, *flags):
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "ppo.py"), "--run-dir", run_dir, "--no-progress", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    first = proc.stdout.readline()  # "run: <path> ..." once the run has started
+    assert first.startswith("run: "), first + proc.stderr.read()
+    return proc, first.split()[1]
+
+
+def test_sigint_checkpoints_and_exits_130(run_dir):
+    proc, path = start_cli(run_dir, "--total-timesteps", "50000000")
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    summary = last_json(out)
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGINT"
+    assert (
+        torch.load(os.path.join(path, "checkpoint.pt"), weights_only=True)["global_step"]
+        == summary["global_step"]
+    )
+
+
+def test_a_second_signal_quits_at_once_without_a_traceback(run_dir):
+    # iterations of 32k steps: the second signal arrives while the first still waits for the iteration's end
+    proc, path = start_cli(run_dir, "--total-timesteps", "50000000", "--num-steps", "8192")
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    summary = last_json(out)
+    assert summary["status"] == "aborted" and summary["signal"] == "SIGTERM"
+    assert not [f for f in os.listdir(path) if f.endswith(".tmp")]
+
+
+def test_sigterm_during_evaluation_keeps_the_finished_run(run_dir):
+    # the finished run's checkpoint and summary.json are written before evaluation starts; 10^5 greedy
+    # episodes take far longer than the signal needs to arrive
+    proc, path = start_cli(
+        run_dir, "--total-timesteps", "512", "--num-steps", "32", "--eval-episodes", "100000", "--save-model"
+    )
+    for _ in range(600):
+        if os.path.exists(os.path.join(path, "summary.json")):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    summary = last_json(out)
+    assert summary["status"] == "evaluation interrupted" and summary["global_step"] == 512
+    assert "eval_return_mean" not in summary
+    assert json.load(open(os.path.join(path, "summary.json"))) == summary
+    # the checkpoint of the finished training, written before the evaluation began
+    assert torch.load(os.path.join(path, "checkpoint.pt"), weights_only=True)["global_step"] == 512
+
+
+# ------------------------------------------------------------------------------------------- resume
+def test_resume_overrides_the_learning_rate_and_keeps_the_first_arguments(run_dir):
+    summary, path = first_run(run_dir, anneal_lr=False, learning_rate=2e-3)
+    ppo.main(ppo.parse_args(["--resume", path, "--total-timesteps", "512", "--learning-rate", "5e-4"]))
+    rates = [v for _, v in read_scalars(summary["run_dir"])["charts/learning_rate"]]
+    assert rates == pytest.approx([2e-3, 2e-3, 5e-4, 5e-4])
+    assert torch.load(path, weights_only=True)["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-4)
+    assert json.load(open(os.path.join(summary["run_dir"], "args.json")))["learning_rate"] == 2e-3
+    (record,) = [json.loads(line) for line in open(os.path.join(summary["run_dir"], "resumes.jsonl"))]
+    assert record["changed"]["learning_rate"] == [2e-3, 5e-4]
+
+
+def test_resume_anneals_on_from_where_the_run_stopped(run_dir, monkeypatch):
+    """Annealed over 16 iterations, checkpoints kept at iteration 8. Resumed with the same budget, the rates
+    are exactly those of the unbroken run; with a shorter or a longer budget they go from the rate reached to
+    0 over what remains: no jump up or down, never rising."""
+    kept = {}
+    real_save = ppo.Run.save_checkpoint
+
+    def save_and_keep(self):
+        real_save(self)
+        kept[self.iteration] = self.checkpoint_path + f".{self.iteration}"
+        shutil.copy(self.checkpoint_path, kept[self.iteration])
+
+    monkeypatch.setattr(ppo.Run, "save_checkpoint", save_and_keep)
+    unbroken, _ = first_run(run_dir, total_timesteps=2048, save_interval=8)  # 16 iterations of 128 steps
+    monkeypatch.setattr(ppo.Run, "save_checkpoint", real_save)
+    rates = [v for _, v in read_scalars(unbroken["run_dir"])["charts/learning_rate"]]
+    assert len(rates) == 16
+    for total, expected_iterations in ((2048, 8), (1536, 4), (4096, 24)):
+        path = os.path.join(run_dir, f"resume-{total}.pt")
+        shutil.copy(kept[8], path)
+        run = ppo.Run(ppo.parse_args(["--resume", path, "--total-timesteps", str(total)]))
+        run.start(total, {})  # the schedule alone: no state objects
+        resumed = []
+        for _ in range(expected_iterations):
+            resumed.append(run.annealed(2.5e-4))
+            run.global_step += 128
+        if total == 2048:
+            # exactly the same schedule, not just close to it (TensorBoard keeps float32)
+            assert [float(np.float32(r)) for r in resumed] == rates[8:]
+        else:
+            assert resumed[0] == pytest.approx(rates[7])  # the rate of the last iteration run: no jump
+            assert all(b < a for a, b in zip(resumed[:-1], resumed[1:], strict=True)) and resumed[-1] > 0
+            assert resumed[-1] == pytest.approx(rates[7] / expected_iterations)  # 0 after the last one
+        run.writer.close()
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(run_dir):
+    summary, path = first_run(run_dir)
+    before = snapshot(summary["run_dir"])
+    proc = run_cli("ppo.py", "--resume", path)
+    assert proc.returncode == 0 and "already finished" in proc.stderr, proc.stderr
+    assert last_json(proc.stdout) == {**summary, "status": "already finished"}
+    assert snapshot(summary["run_dir"]) == before
+
+
+# ------------------------------------------------------------------------------------------- failures
+def test_a_non_finite_loss_is_one_line_and_a_json_status(run_dir):
+    proc = run_cli(
+        "ppo.py",
+        *("--env-id", "tests.envs:CountingNaN-v0", "--env-backend", "gymnasium", "--run-dir", run_dir),
+        *("--total-timesteps", "5000", "--num-steps", "32"),
+    )
+    one_error_line(proc, "non-finite loss at iteration")
+    summary = last_json(proc.stdout)
+    assert summary["status"] == "non-finite loss" and "non-finite loss at iteration" in summary["error"]
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/dev/full"), reason="needs /dev/full, a device whose writes fail ENOSPC"
+)
+def test_a_full_disk_keeps_the_previous_checkpoint(run_dir):
+    """The checkpoint's temporary file is made a link to /dev/full: every write to it fails with ENOSPC,
+    exactly as on a full disk."""
+    summary, path = first_run(run_dir)
+    previous = open(path, "rb").read()
+    os.symlink("/dev/full", path + ".tmp")
+    proc = run_cli("ppo.py", "--resume", path, "--total-timesteps", "512", "--save-interval", "1")
+    one_error_line(proc, "no space left on device")
+    assert last_json(proc.stdout)["status"] == "no space left on device"
+    assert not os.path.lexists(path + ".tmp") and open(path, "rb").read() == previous
+
+
+def test_an_unwritable_run_dir_fails_before_writing(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    proc = run_cli("ppo.py", "--run-dir", tmp_path / "a-file" / "runs", "--total-timesteps", "512")
+    one_error_line(proc, "--run-dir: cannot create")
+    assert os.listdir(tmp_path) == ["a-file"]
+
+
+def test_wandb_without_a_login_fails_before_writing(tmp_path):
+    pytest.importorskip("wandb", reason="--track needs wandb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path / "home"), PYTHONPATH=ROOT)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "ppo.py"), "--track", "--run-dir", tmp_path / "runs"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    one_error_line(proc, "not logged in to Weights & Biases")
+    assert not (tmp_path / "runs").exists()
