@@ -615,7 +615,8 @@ def write_atomically(path: str, data: bytes):
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise RunFailed((e.strerror or "write error").lower(), f"cannot write {path}: {e.strerror}") from e
+        status = (e.strerror or "write error").lower()  # e.g. "no space left on device"
+        raise RunFailed(status, f"{status}: cannot write {path}") from e
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -710,8 +711,12 @@ class Run:
         ckpt, args = self.checkpoint, self.args
         if ckpt is not None:
             for name, obj in state.items():
+                # an optimizer keeps the rate it was built with: the flags', which override the checkpoint's
+                rates = [g["lr"] for g in obj.param_groups] if isinstance(obj, torch.optim.Optimizer) else []
                 try:
                     obj.load_state_dict(ckpt[name])
+                    for group, rate in zip(getattr(obj, "param_groups", []), rates, strict=False):
+                        group["lr"] = rate
                 except (KeyError, ValueError, RuntimeError) as e:
                     path = args.resume or args.eval_checkpoint
                     raise UsageError(
