@@ -505,10 +505,10 @@ CHECKPOINT_FORMAT = "rl-scripts checkpoint v2"
 # Argument ranges, by field name (each script has some of these fields): (test, what the value must be).
 RULES = {
     **dict.fromkeys(
-        ("num_envs", "num_steps", "num_minibatches", "update_epochs", "batch_size", "value_epochs"),
+        ("num_envs", "num_steps", "num_minibatches", "update_epochs", "batch_size", "value_epochs")
+        + ("torch_threads", "save_interval", "total_timesteps"),
         (lambda v: v >= 1, ">= 1"),
     ),
-    **dict.fromkeys(("torch_threads", "save_interval", "total_timesteps"), (lambda v: v >= 1, ">= 1")),
     **dict.fromkeys(
         ("eval_episodes", "num_test_envs", "num_levels", "start_level"), (lambda v: v >= 0, ">= 0")
     ),
@@ -730,14 +730,10 @@ class Run:
                 self.status = "already finished"
                 return
             stored = ckpt["args"]
-            if (
-                self.schedule is None
-                or steps != self.schedule[2]
-                or args.learning_rate != stored["learning_rate"]
-            ):
-                # a new budget or a new rate: anneal from the rate the run had reached (or the new rate) to 0
-                fraction = 1.0 if args.learning_rate != stored["learning_rate"] else self.last_fraction or 1.0
-                self.schedule = [self.global_step, fraction, steps]
+            new_rate = args.learning_rate != stored["learning_rate"]
+            if new_rate or steps != self.schedule[2]:
+                # a new budget or a new rate: from the rate reached (or the new one) to 0 over what remains
+                self.schedule = [self.global_step, 1.0 if new_rate else self.last_fraction or 1.0, steps]
             self.path = os.path.dirname(os.path.abspath(args.resume))
             given = {k: v for k, v in self.args_dict().items() if k not in ("resume", "eval_checkpoint")}
             changed = {k: [stored.get(k), v] for k, v in given.items() if stored.get(k) != v}
@@ -798,8 +794,8 @@ class Run:
         if self.bar is not None:
             self.bar.update(global_step - self.bar.n)
             self.bar.set_postfix(sps=sps, ret=f"{recent:.1f}", refresh=False)
-        elif self.args.progress and global_step >= self.next_print:
-            self.next_print += self.steps / 10
+        elif self.args.progress and global_step >= self.next_print:  # about every tenth of the budget
+            self.next_print = global_step + self.steps / 10
             print(f"step {global_step:>10}  return(last100) {recent:8.2f}  SPS {sps}", flush=True)
 
     def fail(self, status: str):
@@ -905,6 +901,10 @@ class Run:
         if self.bar is not None:
             self.bar.close()
         args = self.args
+        if args.eval_checkpoint:
+            self.summary = {"env_id": args.env_id, "checkpoint": args.eval_checkpoint, "status": self.status}
+            self.summary["global_step"] = self.global_step
+            return
         self.summary = {
             "env_id": args.env_id,
             "seed": args.seed,
@@ -925,11 +925,8 @@ class Run:
             self.summary[f"{prefix}episodic_return_mean_last100"] = (
                 float(np.mean(returns)) if returns else None
             )
-        if args.eval_checkpoint:
-            self.summary = {"env_id": args.env_id, "checkpoint": args.eval_checkpoint, "status": self.status}
-            self.summary["global_step"] = self.global_step
-            return
-        self.summary["run_dir"] = self.path or os.path.dirname(os.path.abspath(args.resume or "."))
+        resumed_path = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
+        self.summary["run_dir"] = self.path or resumed_path
         if self.status == "already finished":  # the run's own record, untouched
             with contextlib.suppress(OSError, ValueError):
                 with open(os.path.join(self.summary["run_dir"], "summary.json")) as f:
