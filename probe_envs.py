@@ -263,9 +263,10 @@ def check(script: str, spec: ScriptProbes, agent, env: ProbeEnv, gamma: float) -
                 ].item()  # the Gaussian's mean (normalising inputs if the agent does)
                 rows.append((f"mean a(s={s:+.0f})", best, mu, MEAN_TOL, abs(mu - best) <= MEAN_TOL))
             else:
-                # PPO agents: get_action_and_value; REINFORCE agents: get_action_and_logprob
-                act = getattr(agent, "get_action_and_value", None) or agent.get_action_and_logprob
-                logprob = act(x, torch.tensor([best]))[1]
+                if hasattr(agent, "get_action_and_value"):  # PPO agents
+                    logprob = agent.get_action_and_value(x, torch.tensor([best]))[1]
+                else:  # REINFORCE agents
+                    logprob = agent.get_logprob_and_entropy(x, torch.tensor([best]))[0]
                 p = logprob.exp().item()
                 rows.append((f"pi(a={best}|s={s:+.0f})", 1.0, p, POLICY_TOL, p >= 1.0 - POLICY_TOL))
     return rows

@@ -16,123 +16,71 @@ tanh and correct the log-prob with the Jacobian (as SAC does), or use a Beta dis
 interval (Chou et al. 2017); both change the policy family, clipping does not.
 
 Papers: Williams 1992, "Simple statistical gradient-following algorithms for connectionist reinforcement
-learning"; Sutton & Barto, "Reinforcement Learning: An Introduction", 2nd ed., chapter 13.
+learning" (baselines: section 4); Sutton & Barto, "Reinforcement Learning: An Introduction", 2nd ed.,
+chapter 13 (13.4: REINFORCE with baseline).
 
 Run:    python reinforce.py --env-id CartPole-v1 --seed 1
 Expect: CartPole-v1 learns, with a much noisier curve than reinforce_baseline.py (README, results table).
+
+Read top to bottom: Args, ENVIRONMENT, NETWORK, ALGORITHM, then train(): the whole algorithm. Below the
+RUN HARNESS fence: checkpoints, signals, logging set-up and the command line, the same in every script.
 """
 
 import contextlib
-import difflib
 import io
-import json
 import os
-import random
-import re
-import signal
-import sys
-import time
 import warnings
-from collections import deque
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import tyro
 
 
-# ---------------------------------------------------------------------------------------------------------
-# ARGUMENTS
-# ---------------------------------------------------------------------------------------------------------
-class UsageError(Exception):
-    """A bad command line or environment id: reported as one line, before anything is written."""
-
-
+# ----------------------------------------------- ARGUMENTS -----------------------------------------------
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment, part of the run name"""
-    seed: int = 1
-    """seed of the experiment (torch, numpy, python and the environments)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, use CUDA when it is available"""
-    torch_threads: int = 1
-    """CPU threads for torch; 1 is fastest for these small networks (README, speed section)"""
-    pin_cpu: bool = True
-    """on CPU, run the whole process (envpool's workers too) on the core it starts on (README, Speed)"""
-    track: bool = False
-    """if toggled, also log to Weights & Biases (imported only then)"""
-    wandb_project_name: str = "rl-scripts"
-    """the W&B project name"""
-    wandb_entity: Optional[str] = None
-    """the W&B entity (team or user); None uses your default"""
-    capture_video: bool = False
-    """if toggled, record the evaluation episodes (at least one) to `<run>/videos` (needs moviepy)"""
-    save_model: bool = False
-    """if toggled, write `<run>/checkpoint.pt` every `--save-interval` iterations and at the end"""
-    save_interval: int = 25
-    """iterations between checkpoints with `--save-model`"""
-    resume: Optional[str] = None
-    """path of a checkpoint to continue from; its run's arguments are the defaults, flags given override them"""
-    run_dir: str = "runs"
-    """directory that holds one sub-directory per run"""
-    progress: bool = True
-    """show a progress bar when stdout is a terminal"""
+    env_id: str = "CartPole-v1"  # the id of the environment: a gymnasium id, `module:EnvId`, or an envpool id
+    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"  # auto = envpool if it has the id
+    total_timesteps: int = 500_000  # total environment steps, summed over envs (the last batch may pass it)
+    learning_rate: float = 2e-3  # the learning rate of the Adam optimizer (typical 3e-4 to 3e-3)
+    num_envs: int = 4  # the number of parallel environments that play episodes
+    batch_size: int = 2048  # the least number of steps of complete episodes in a batch (one update each)
+    anneal_lr: bool = False  # linearly anneal the learning rate to 0 over the run
+    gamma: float = 0.99  # the discount factor (0.9 to 0.999)
+    norm_returns: bool = True  # standardise the rewards-to-go over the batch (mean 0, std 1)
+    max_grad_norm: Optional[float] = None  # clip the gradient norm to this (0.5 to 10); None: no clipping
 
-    # Algorithm specific arguments
-    env_id: str = "CartPole-v1"
-    """the id of the environment: a gymnasium id, `module:EnvId`, or an envpool id"""
-    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
-    """`auto` uses envpool when it has the id, gymnasium otherwise"""
-    total_timesteps: int = 500_000
-    """total environment steps, summed over environments (the run stops at the first update past it)"""
-    learning_rate: float = 2e-3
-    """the learning rate of the Adam optimizer (typical 3e-4 to 3e-3)"""
-    num_envs: int = 4
-    """the number of parallel environments that play episodes"""
-    batch_size: int = 2048
-    """the least number of steps of complete episodes in one batch (one gradient step per batch)"""
-    anneal_lr: bool = False
-    """linearly anneal the learning rate to 0 over the run"""
-    gamma: float = 0.99
-    """the discount factor (0.9 to 0.999)"""
-    norm_returns: bool = True
-    """standardise the rewards-to-go over the batch (mean 0, std 1); the mean subtraction is a crude
-    constant baseline, the scaling makes the step size independent of the reward scale"""
-    max_grad_norm: Optional[float] = None
-    """clip the gradient norm to this value (0.5 to 10); None: no clipping, the plain algorithm"""
-    eval_episodes: int = 0
-    """episodes played after training with the most likely action (the mean for Gaussian policies),
-    logged as eval/episodic_return"""
+    # Running, saving and logging
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run name
+    seed: int = 1  # seed of the experiment (torch, numpy, python and the environments)
+    torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
+    cuda: bool = True  # if toggled, use CUDA when it is available
+    torch_threads: int = 1  # CPU threads for torch; 1 is fastest for these small networks (README, Speed)
+    pin_cpu: bool = True  # on CPU, keep the process and envpool's workers on one core (README, Speed)
+    eval_episodes: int = 0  # episodes of greedy play after training, logged as eval/episodic_return
+    capture_video: bool = False  # record the evaluation episodes (at least one) to <run>/videos
+    save_model: bool = False  # write <run>/checkpoint.pt every --save-interval iterations and at the end
+    save_interval: int = 25  # iterations between checkpoints with `--save-model`
+    resume: Optional[str] = None  # a checkpoint to continue from; its args are the defaults, flags override
+    eval_checkpoint: Optional[str] = None  # evaluate this checkpoint and exit (--eval-episodes, 0 means 10)
+    run_dir: str = "runs"  # directory that holds one sub-directory per run
+    progress: bool = True  # show a progress bar when stdout is a terminal
+    track: bool = False  # if toggled, also log to Weights & Biases (imported only then)
+    wandb_project_name: str = "rl-scripts"  # the W&B project name
+    wandb_entity: Optional[str] = None  # the W&B entity (team or user); None uses your default
 
     def __post_init__(self):
-        for name in ("num_envs", "batch_size", "torch_threads", "save_interval"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise UsageError(f"--gamma must be in [0, 1], got {self.gamma}")
-        if self.learning_rate <= 0:
-            raise UsageError(f"--learning-rate must be > 0, got {self.learning_rate}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise UsageError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
-        if self.eval_episodes < 0:
-            raise UsageError(f"--eval-episodes must be >= 0, got {self.eval_episodes}")
+        check_args(self)  # the ranges of all flags and the checkpoint files (in the harness below)
         if self.total_timesteps < self.batch_size:
             raise UsageError(
                 f"--total-timesteps {self.total_timesteps} is less than one batch ({self.batch_size} steps)"
             )
-        if self.resume is not None and not os.path.isfile(self.resume):
-            raise UsageError(f"--resume: no checkpoint file at '{self.resume}'")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# ENVIRONMENT
-# ---------------------------------------------------------------------------------------------------------
+# ---------------------------------------------- ENVIRONMENT ----------------------------------------------
 def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto"):
     """Vectorised environments, seeded, with the next-step autoreset of envpool and gymnasium >= 1.0.
 
@@ -164,10 +112,7 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto"):
             vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP},
         )
     except gym.error.Error as e:
-        known = list(gym.registry) + list(envpool.list_all_envs())
-        close = difflib.get_close_matches(env_id.split(":")[-1], known, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UsageError(f"unknown environment id '{env_id}'{hint}") from e
+        raise unknown_env_id(env_id, list(gym.registry) + list(envpool.list_all_envs())) from e
     except ImportError as e:
         raise UsageError(f"environment id '{env_id}': cannot import its module ({e})") from e
     envs.reset(seed=seed)  # seeds every sub-environment; later resets continue from these seeds
@@ -180,8 +125,8 @@ def check_spaces(envs):
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
         raise UsageError(
-            f"reinforce.py needs vector observations, this env has {obs_space}; use ppo_atari.py for "
-            "(4, 84, 84) frames or ppo_procgen_impala.py for (64, 64, 3) images"
+            f"reinforce.py needs vector observations, this env has {obs_space}; use ppo_atari.py "
+            "for (4, 84, 84) frames or ppo_procgen_impala.py for (64, 64, 3) images"
         )
     if not isinstance(act_space, (gym.spaces.Discrete, gym.spaces.Box)):
         raise UsageError(f"reinforce.py needs Discrete or Box actions, this env has {act_space}")
@@ -196,14 +141,49 @@ def env_actions(actions, action_space):
     return actions
 
 
-# ---------------------------------------------------------------------------------------------------------
-# NETWORK
-# ---------------------------------------------------------------------------------------------------------
+def check_render(args):
+    """--capture-video: render one frame now, so that a missing renderer is reported before training."""
+    try:
+        env = gym.make(args.env_id, render_mode="rgb_array")
+        env.reset(seed=args.seed)
+        if env.render() is None:
+            raise ValueError("render() returned no frame")
+        env.close()
+    except Exception as e:
+        raise UsageError(f"--capture-video: cannot render '{args.env_id}' as rgb_array ({e})") from e
+
+
+def evaluate(agent, env_id, episodes, seed, device, video_folder=None):
+    """Play `episodes` whole episodes with the greedy policy on a fresh gymnasium environment."""
+    env = gym.make(env_id, render_mode="rgb_array" if video_folder else None)
+    if video_folder:
+        env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda e: True, disable_logger=True)
+    returns = []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        done, total = False, 0.0
+        while not done:
+            with torch.inference_mode():
+                action = agent.greedy_action(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])
+            obs, reward, terminated, truncated, _ = env.step(env_actions(action, env.action_space)[0])
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    env.close()
+    return returns
+
+
+# ------------------------------------------------ NETWORK ------------------------------------------------
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     """Orthogonal weights with gain `std` and constant bias, as in baselines' PPO (detail 2 of the 37)."""
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
     return layer
+
+
+def gaussian_logprob(action, mean, std):
+    """log N(a; mean, std) of a diagonal Gaussian, summed over the independent action dimensions."""
+    return (-((action - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * np.log(2 * np.pi)).sum(-1)
 
 
 class Agent(nn.Module):
@@ -229,32 +209,36 @@ class Agent(nn.Module):
         else:
             self.actor = policy
 
-    def get_action_and_logprob(self, x, action=None):
-        """Sample an action (or take the given one); return it with log pi(a|s) and the entropy."""
+    def get_action(self, x):
+        """Acting: (action, log pi(a|s), value). The value is None: the policy has no value head
+        (reinforce_baseline.py's V(s) is a separate network, applied to the whole batch after the rollout)."""
         if self.continuous:
             mean = self.actor_mean(x)
             std = self.actor_logstd.expand_as(mean).exp()
-            if action is None:
-                action = mean + std * torch.randn_like(mean)
-            # log N(a; mean, std), summed over the independent action dimensions
-            logprob = (-((action - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * np.log(2 * np.pi)).sum(-1)
-            entropy = (0.5 + 0.5 * np.log(2 * np.pi) + std.log()).sum(-1)
-            return action, logprob, entropy
+            action = mean + std * torch.randn_like(mean)
+            return action, gaussian_logprob(action, mean, std), None
         log_probs = self.actor(x).log_softmax(-1)  # log pi(a|s) for every action a
-        if action is None:
-            action = torch.multinomial(log_probs.exp(), 1).squeeze(-1)
+        action = torch.multinomial(log_probs.exp(), 1).squeeze(-1)
+        return action, log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1), None
+
+    def get_logprob_and_entropy(self, x, action):
+        """The update: (log pi(a|s) of the given actions, the entropy of pi(.|s))."""
+        if self.continuous:
+            mean = self.actor_mean(x)
+            std = self.actor_logstd.expand_as(mean).exp()
+            entropy = (0.5 + 0.5 * np.log(2 * np.pi) + std.log()).sum(-1)
+            return gaussian_logprob(action, mean, std), entropy
+        log_probs = self.actor(x).log_softmax(-1)
         logprob = log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
-        return action, logprob, entropy
+        return logprob, entropy
 
     def greedy_action(self, x):
         """The most likely action: the argmax, or the Gaussian's mean."""
         return self.actor_mean(x) if self.continuous else self.actor(x).argmax(-1)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# ALGORITHM (pure functions: tensors in, tensors out; the tests import them)
-# ---------------------------------------------------------------------------------------------------------
+# -------------- ALGORITHM (pure functions: tensors in, tensors out; the tests import them) ---------------
 def discounted_returns(rewards, dones, gamma):
     """Rewards-to-go G_t = r_t + gamma * (1 - dones_t) * G_{t+1}, all arguments (num_steps, num_envs).
 
@@ -296,199 +280,37 @@ def normalize(x, mask):
     return (x - mean) / (std + 1e-8)
 
 
-def reinforce_loss(logprob, returns, entropy, mask):
-    """-mean(log pi(a|s) * G) over the valid steps: its gradient is the REINFORCE estimate of -grad J.
-    Returns the loss and a dict of 0-dim tensors for logging."""
+def reinforce_loss(logprob, advantages, entropy, mask):
+    """-mean(log pi(a|s) * A) over the valid steps: its gradient is the REINFORCE estimate of -grad J, with
+    A = G (reinforce.py) or G - V(s) (reinforce_baseline.py). Returns the loss and a dict of 0-dim tensors
+    for logging."""
     weights = mask / mask.sum().clamp(min=1.0)  # mean over the valid steps = weighted sum
-    pg_loss = -(logprob * returns * weights).sum()
+    pg_loss = -(logprob * advantages * weights).sum()
     stats = {"policy_loss": pg_loss.detach(), "entropy": (entropy * weights).sum().detach()}
     return pg_loss, stats
 
 
-# ---------------------------------------------------------------------------------------------------------
-# RUN BOOK-KEEPING (CPU core, run directory, checkpoint, summary)
-# ---------------------------------------------------------------------------------------------------------
-def pin_to_current_core():
-    """Restrict this thread, and every thread it starts from now on (torch's, the environments' workers), to
-    the CPU core it is running on; return that core, or None where the OS has no CPU affinity (not Linux).
-    Already restricted to one core (`taskset -c 3 python ...`), it stays there."""
-    if not (hasattr(os, "sched_setaffinity") and os.path.exists("/proc/thread-self/stat")):
-        return None
-    with open("/proc/thread-self/stat") as f:
-        core = int(f.read().rsplit(")", 1)[1].split()[36])  # field 39 of proc(5): the CPU it last ran on
-    os.sched_setaffinity(0, {core})
-    return core
-
-
-def make_run_path(args) -> str:
-    """`<run_dir>/<env_id>__<exp_name>__<seed>__<unix time>`, with characters unsafe in paths replaced."""
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = re.sub(r"[^A-Za-z0-9_.\-]", "-", run_name)
-    path, n = os.path.join(args.run_dir, run_name), 1
-    while os.path.exists(path):  # two runs started in the same second
-        path, n = os.path.join(args.run_dir, f"{run_name}-{n}"), n + 1
-    os.makedirs(path)
-    return path
-
-
-def save_checkpoint(path, agent, optimizer, args, global_step, iteration, episode_returns):
-    """Everything needed to continue the run, written to a temporary file and renamed, so that a crash or
-    Ctrl-C during the write never leaves a truncated checkpoint behind."""
-    state = {
-        "agent": agent.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "args": {f.name: getattr(args, f.name) for f in fields(args) if f.init},
-        "global_step": global_step,
-        "iteration": iteration,
-        "episode_returns": list(episode_returns),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-    }
-    if torch.cuda.is_available():
-        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, device):
-    try:
-        return torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:
-        raise UsageError(f"cannot read checkpoint '{path}': {type(e).__name__}: {e}") from e
-
-
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def evaluate(agent, env_id, episodes, seed, device, video_folder=None):
-    """Play `episodes` whole episodes with the greedy policy on a fresh gymnasium environment."""
-    env = gym.make(env_id, render_mode="rgb_array" if video_folder else None)
-    if video_folder:
-        env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda e: True, disable_logger=True)
-    returns = []
-    for episode in range(episodes):
-        obs, _ = env.reset(seed=seed + episode)
-        done, total = False, 0.0
-        while not done:
-            with torch.inference_mode():
-                action = agent.greedy_action(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])
-            obs, reward, terminated, truncated, _ = env.step(env_actions(action, env.action_space)[0])
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-    env.close()
-    return returns
-
-
-# ---------------------------------------------------------------------------------------------------------
-# MAIN
-# ---------------------------------------------------------------------------------------------------------
-def main(args: Args) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    # --pin-cpu, first, so that every thread started later inherits it. envpool steps the environments in
-    # worker threads; on another core, every step's hand-off between the training loop and a worker costs
-    # more than a CartPole step itself (README, Speed: ppo.py on the 2-core machine, 9k -> 12-13k SPS).
-    cpu_core = pin_to_current_core() if args.pin_cpu and device.type == "cpu" else None
-    torch.set_num_threads(args.torch_threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-
-    # Everything that can fail on the user's input fails here, before anything is written.
-    ckpt = load_checkpoint(args.resume, device) if args.resume else None
-    envs = make_env(
-        args.env_id, args.num_envs, args.seed + (ckpt["global_step"] if ckpt else 0), args.env_backend
-    )
+# ----------------------------------------------- TRAINING ------------------------------------------------
+def train(args: Args, run):
+    """Play whole episodes with the current policy, compute the rewards-to-go, one gradient step; repeat."""
+    device = run.device
+    # a resumed run seeds its environments afresh, so that it does not replay the episodes it started with
+    envs = make_env(args.env_id, args.num_envs, args.seed + run.global_step, args.env_backend)
     check_spaces(envs)
     if args.capture_video:
-        try:
-            import moviepy  # noqa: F401  (gymnasium's RecordVideo writes with it)
-        except ImportError as e:
-            raise UsageError("--capture-video needs moviepy: pip install -e '.[video]'") from e
-        try:  # render one frame now, so that a missing renderer is reported before training, not after
-            probe_env = gym.make(args.env_id, render_mode="rgb_array")
-            probe_env.reset(seed=args.seed)
-            if probe_env.render() is None:
-                raise ValueError("render() returned no frame")
-            probe_env.close()
-        except Exception as e:
-            raise UsageError(f"--capture-video: cannot render '{args.env_id}' as rgb_array ({e})") from e
-
+        check_render(args)
     agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
-    # eps=1e-5 as in baselines ppo2; fused=True: one kernel for all parameters (1.3 -> 1.1 ms a minibatch here)
+    # eps=1e-5 as in baselines ppo2; fused=True: one kernel updates every parameter
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    global_step, start_iteration = 0, 1
-    episode_returns = deque(maxlen=100)  # the last 100 whole-episode returns, for the summary
-    if ckpt:
-        agent.load_state_dict(ckpt["agent"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        global_step, start_iteration = ckpt["global_step"], ckpt["iteration"] + 1
-        episode_returns.extend(ckpt["episode_returns"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
-        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        run_path = os.path.dirname(os.path.abspath(args.resume))  # the resumed run continues its own logs
-    else:
-        run_path = make_run_path(args)
-    checkpoint_path = os.path.join(run_path, "checkpoint.pt")
-    write_json(os.path.join(run_path, "args.json"), asdict(args))
+    # what a checkpoint holds: --resume and --eval-checkpoint restore it, --save-model writes it
+    run.start(args.total_timesteps, {"backend": envs.backend}, agent=agent, optimizer=optimizer)
 
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=asdict(args),
-            name=os.path.basename(run_path),
-            dir=run_path,
-            save_code=True,
-        )
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(run_path)
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-    )
-
-    # Ctrl-C: finish the current iteration, then checkpoint, flush and exit. A second Ctrl-C quits at once.
-    interrupted = False
-
-    def on_sigint(signum, frame):
-        nonlocal interrupted
-        interrupted = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print(
-            "\ninterrupt: finishing this iteration, then saving a checkpoint (Ctrl-C again quits now)",
-            flush=True,
-        )
-
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
-    print(f"run: {run_path}  env: {args.env_id} ({envs.backend})  device: {device}", flush=True)
-
-    from tqdm import tqdm
-
-    show_bar = args.progress and sys.stdout.isatty()
-    bar = tqdm(total=args.total_timesteps, initial=global_step, unit="step", disable=not show_bar)
-    start_time, start_step = time.time(), global_step
     action_space = envs.single_action_space
-    episodes = 0
-    iteration = start_iteration - 1
-    status = "finished"
+    global_step = run.global_step
 
-    while global_step < args.total_timesteps:
-        iteration += 1
+    for iteration in run.iterations():
         if args.anneal_lr:
-            frac = 1.0 - global_step / args.total_timesteps
-            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+            optimizer.param_groups[0]["lr"] = run.annealed(args.learning_rate)
 
         # ---- rollout: play until the complete episodes hold at least batch_size steps ----
         # Every batch starts from fresh episodes, so that all its actions come from the current policy.
@@ -508,13 +330,12 @@ def main(args: Args) -> dict:
             valid.append(~next_autoreset)
 
             with torch.inference_mode():
-                action, _, _ = agent.get_action_and_logprob(next_obs)
+                action, _, _ = agent.get_action(next_obs)
             actions.append(action)
 
             next_obs_np, reward, terminated, truncated, _ = envs.step(env_actions(action, action_space))
             next_obs = torch.as_tensor(next_obs_np, dtype=torch.float32, device=device)
-            # A time-limit truncation ends the reward-to-go like a termination: G is the Monte Carlo
-            # return of the steps actually played (reinforce_baseline.py bootstraps it with V instead).
+            # A time-limit truncation ends G like a termination (reinforce_baseline.py bootstraps it with V).
             ended = terminated | truncated
             rewards.append(reward)
             dones.append(ended)
@@ -529,26 +350,23 @@ def main(args: Args) -> dict:
             episode_return[ended] = 0.0
             episode_length[ended] = 0
             next_autoreset = ended
-
-        episodes += len(finished_returns)
-        episode_returns.extend(finished_returns)
-        writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
-        writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
+        run.log_episodes(global_step, finished_returns, finished_lengths)
 
         # ---- returns ----
-        b_obs = torch.stack(obs)  # (T, N, obs_dim)
-        b_actions = torch.stack(actions)  # (T, N) or (T, N, act_dim)
-        b_rewards, b_dones, b_valid = (
+        obs = torch.stack(obs)  # (T, N, obs_dim)
+        actions = torch.stack(actions)  # (T, N) or (T, N, act_dim)
+        rewards, dones, valid = (
             torch.as_tensor(np.stack(x), dtype=torch.float32, device=device) for x in (rewards, dones, valid)
         )  # (T, N) each
-        returns = discounted_returns(b_rewards, b_dones, args.gamma)
-        mask = complete_episode_mask(b_dones, b_valid)
+        returns = discounted_returns(rewards, dones, args.gamma)
+        mask = complete_episode_mask(dones, valid)
         returns_mean, returns_std = masked_mean_std(returns, mask)
         if args.norm_returns:
+            # the mean is a crude constant baseline; the std makes the step size independent of reward scale
             returns = normalize(returns, mask)
 
         # ---- update: one gradient step on the whole batch ----
-        _, logprob, entropy = agent.get_action_and_logprob(b_obs, b_actions)
+        logprob, entropy = agent.get_logprob_and_entropy(obs, actions)
         loss, stats = reinforce_loss(logprob, returns, entropy, mask)
         optimizer.zero_grad()
         loss.backward()
@@ -559,96 +377,597 @@ def main(args: Args) -> dict:
         # ---- logging ----
         means = {k: v.item() for k, v in stats.items()}
         if not all(np.isfinite(v) for v in means.values()):
-            status = "non-finite loss"
-            break
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        writer.add_scalar("losses/policy_loss", means["policy_loss"], global_step)
-        writer.add_scalar("losses/entropy", means["entropy"], global_step)
+            run.fail("non-finite loss")
+        metrics = {"charts/learning_rate": optimizer.param_groups[0]["lr"]}
+        metrics["losses/policy_loss"] = means["policy_loss"]
+        metrics["losses/entropy"] = means["entropy"]
         if not agent.continuous and action_space.n > 1:  # undefined with a single action (probes 1-3)
-            writer.add_scalar(
-                "debug/relative_entropy", means["entropy"] / np.log(action_space.n), global_step
-            )
-        writer.add_scalar("debug/return_mean", returns_mean.item(), global_step)
-        writer.add_scalar("debug/return_std", returns_std.item(), global_step)
-        writer.add_scalar("debug/grad_norm", means["grad_norm"], global_step)
-        writer.add_scalar("debug/discarded_fraction", 1.0 - mask.sum().item() / mask.numel(), global_step)
-        sps = int((global_step - start_step) / (time.time() - start_time))
-        writer.add_scalar("charts/SPS", sps, global_step)
+            metrics["debug/relative_entropy"] = means["entropy"] / np.log(action_space.n)
+        metrics["debug/return_mean"] = returns_mean.item()
+        metrics["debug/return_std"] = returns_std.item()
+        metrics["debug/grad_norm"] = means["grad_norm"]
+        metrics["debug/discarded_fraction"] = 1.0 - mask.sum().item() / mask.numel()
+        run.log(global_step, metrics)
 
-        recent = float(np.mean(episode_returns)) if episode_returns else float("nan")
-        bar.update(global_step - bar.n)
-        bar.set_postfix(sps=sps, ret=f"{recent:.1f}", refresh=False)
-        if not show_bar and args.progress and iteration % 25 == 0:
+    envs.close()
+    run.evaluate(
+        lambda episodes, video_folder: evaluate(agent, args.env_id, episodes, args.seed, device, video_folder)
+    )
+
+
+# ============================================ RUN HARNESS ============================================
+# No reinforcement learning below this line, and the same bytes in every script (a test compares them).
+# train() above talks to it through `run`: start, iterations, annealed, log_episodes, log, fail, evaluate.
+# Here: argument checks, device, seeding and CPU pinning, checkpoints (plain data, loaded once), the run
+# directory, TensorBoard and W&B, SIGINT/SIGTERM, the progress line, summary.json and the JSON last line.
+import difflib
+import json
+import math
+import pickle
+import random
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import fields
+
+import tyro
+
+SCRIPT = os.path.basename(__file__)
+CHECKPOINT_FORMAT = "rl-scripts checkpoint v2"
+# Argument ranges, by field name (each script has some of these fields): (test, what the value must be).
+RULES = {
+    **dict.fromkeys(
+        ("num_envs", "num_steps", "num_minibatches", "update_epochs", "batch_size", "value_epochs")
+        + ("torch_threads", "save_interval", "total_timesteps"),
+        (lambda v: v >= 1, ">= 1"),
+    ),
+    **dict.fromkeys(
+        ("eval_episodes", "num_test_envs", "num_levels", "start_level"), (lambda v: v >= 0, ">= 0")
+    ),
+    **dict.fromkeys(("gamma", "gae_lambda"), (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")),
+    **dict.fromkeys(("learning_rate", "value_learning_rate"), (lambda v: v > 0, "> 0")),
+    "max_grad_norm": (lambda v: v is None or v > 0, "> 0"),
+}
+
+
+class UsageError(Exception):
+    """Bad input (a flag, an environment id, a checkpoint): one line on stderr, exit 1, nothing written."""
+
+
+class RunFailed(Exception):
+    """A run that cannot go on; `status` names what happened and becomes the summary's status."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Interrupted(BaseException):
+    """Raised by a stop signal where nothing can wait for the end of an iteration (a second signal, or the
+    first during evaluation). A BaseException, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def check_args(args):
+    """The ranges in RULES, finite numbers, existing checkpoint files; called by Args.__post_init__."""
+    for f in fields(args):
+        value, flag = getattr(args, f.name, None), "--" + f.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
+        if f.name in RULES and f.init and not RULES[f.name][0](value):
+            raise UsageError(f"{flag} must be {RULES[f.name][1]}, got {value}")
+    if args.resume is not None and args.eval_checkpoint is not None:
+        raise UsageError("--resume and --eval-checkpoint exclude each other (continue training, or evaluate)")
+    for flag, path in (("--resume", args.resume), ("--eval-checkpoint", args.eval_checkpoint)):
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"{flag}: no checkpoint file at '{path}'")
+
+
+def unknown_env_id(env_id: str, known) -> UsageError:
+    """The error for an id that no backend has, with the closest known ids."""
+    close = list(dict.fromkeys(difflib.get_close_matches(env_id.split(":")[-1], known, n=3)))
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return UsageError(f"unknown environment id '{env_id}'{hint}")
+
+
+def pin_to_current_core():
+    """Restrict this thread, and every thread it starts from now on (torch's, the environments' workers), to
+    the CPU core it is running on; return that core, or None where the OS has no CPU affinity (not Linux).
+    Already restricted to one core (`taskset -c 3 python ...`), it stays there."""
+    if not (hasattr(os, "sched_setaffinity") and os.path.exists("/proc/thread-self/stat")):
+        return None
+    with open("/proc/thread-self/stat") as f:
+        core = int(f.read().rsplit(")", 1)[1].split()[36])  # field 39 of proc(5): the CPU it last ran on
+    os.sched_setaffinity(0, {core})
+    return core
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+_loaded = {}  # the last checkpoint read, by (path, modification time): parse_args and Run read it once
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint of this script, as plain data on the CPU. `weights_only=True` unpickles tensors and
+    plain containers only, so a file holding anything else is refused instead of run."""
+    key = (os.path.abspath(path), os.stat(path).st_mtime_ns)
+    if key not in _loaded:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UsageError(
+                f"refused checkpoint '{path}': it holds objects other than tensors and plain data, "
+                "and loading those could run code"
+            ) from e
+        except Exception as e:
+            raise UsageError(f"cannot read checkpoint '{path}': {one_line(e)}") from e
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise UsageError(f"'{path}' is not a checkpoint of these scripts (or of an older version)")
+        if ckpt["script"] != SCRIPT:
+            raise UsageError(f"'{path}' was not written by this script ({SCRIPT}) but by {ckpt['script']}")
+        _loaded.clear()
+        _loaded[key] = ckpt
+    return _loaded[key]
+
+
+def write_atomically(path: str, data: bytes):
+    """Write to `path.tmp`, then rename: a crash, a signal or a full disk never leaves a truncated file,
+    and the previous file stays intact until the new one is complete."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        status = (e.strerror or "write error").lower()  # e.g. "no space left on device"
+        raise RunFailed(status, f"{status}: cannot write {path}") from e
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, obj: dict):
+    write_atomically(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def rng_state() -> dict:
+    """Every random generator's state, in types that `weights_only` loading accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])  # a CPU ByteTensor, as loaded
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Run:
+    """One run: what train() needs besides the algorithm. See the fence comment for the calls."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        # --pin-cpu first, so that every thread started later inherits the core: envpool steps the
+        # environments in worker threads, and a hand-off to another core costs more than a small env step.
+        self.cpu_core = pin_to_current_core() if args.pin_cpu and self.device.type == "cpu" else None
+        torch.set_num_threads(args.torch_threads)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+
+        if getattr(args, "cudagraphs", False) and self.device.type != "cuda":
+            raise UsageError("--cudagraphs needs a CUDA device (CUDA graphs replay GPU kernels)")
+        if args.capture_video:
+            try:
+                import moviepy  # noqa: F401  (the videos are written with it)
+            except ImportError as e:
+                raise UsageError("--capture-video needs moviepy: pip install -e '.[video]'") from e
+        if args.track:
+            self._check_wandb_login()
+        self.checkpoint = (
+            load_checkpoint(args.resume or args.eval_checkpoint)
+            if args.resume or args.eval_checkpoint
+            else None
+        )
+        progress = self.checkpoint or {}
+        self.global_step = progress.get("global_step", 0)
+        self.iteration = progress.get("iteration", 0)
+        self.episodes = dict(progress.get("episodes", {}))  # {prefix: count}; "" is training, "test_" ...
+        self.returns = {k: deque(v, maxlen=100) for k, v in progress.get("returns", {}).items()}
+        self.schedule = progress.get("schedule")  # [step, fraction, steps]: see annealed()
+        self.last_fraction = progress.get("last_fraction")
+        self.path = self.writer = self.bar = None
+        self.status, self.error, self.stop_signal = "finished", None, None
+        self.info, self.summary, self.closed = {}, None, False
+        self.start_time, self.start_step = time.time(), self.global_step
+
+    @staticmethod
+    def _check_wandb_login():
+        try:
+            import wandb
+        except ImportError as e:
+            raise UsageError("--track needs wandb: pip install wandb") from e
+        offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
+        if not offline and not wandb.login(prompt=False, verify=False):
+            raise UsageError(
+                "--track: not logged in to Weights & Biases (`wandb login`, or WANDB_MODE=offline)"
+            )
+
+    # ---- the calls from train() ----
+    def start(self, steps: int, info: dict, **state):
+        """Register what a checkpoint holds (objects with state_dict/load_state_dict: the agent, the
+        optimizer, normalisers), restore it from --resume or --eval-checkpoint, and open the run directory.
+        `steps` is the budget of environment steps; `info` ({"backend": ...}) goes into the summary."""
+        self.steps, self.info, self.state = steps, dict(info), state
+        ckpt, args = self.checkpoint, self.args
+        if ckpt is not None:
+            for name, obj in state.items():
+                # an optimizer keeps the rate it was built with: the flags', which override the checkpoint's
+                rates = [g["lr"] for g in obj.param_groups] if isinstance(obj, torch.optim.Optimizer) else []
+                try:
+                    obj.load_state_dict(ckpt[name])
+                    for group, rate in zip(getattr(obj, "param_groups", []), rates, strict=False):
+                        group["lr"] = rate
+                except (KeyError, ValueError, RuntimeError) as e:
+                    path = args.resume or args.eval_checkpoint
+                    raise UsageError(
+                        f"checkpoint '{path}' does not fit this run's {name}: {one_line(e)}"
+                    ) from e
+        if args.eval_checkpoint:
+            return
+        if ckpt is not None:
+            set_rng_state(ckpt["rng"])
+            if self.global_step >= steps:
+                self.status = "already finished"
+                return
+            stored = ckpt["args"]
+            new_rate = args.learning_rate != stored["learning_rate"]
+            if new_rate or steps != self.schedule[2]:
+                # a new budget or a new rate: from the rate reached (or the new one) to 0 over what remains
+                self.schedule = [self.global_step, 1.0 if new_rate else self.last_fraction or 1.0, steps]
+            self.path = os.path.dirname(os.path.abspath(args.resume))
+            given = {k: v for k, v in self.args_dict().items() if k not in ("resume", "eval_checkpoint")}
+            changed = {k: [stored.get(k), v] for k, v in given.items() if stored.get(k) != v}
+            record = {"global_step": self.global_step, "iteration": self.iteration, "changed": changed}
+            try:
+                with open(os.path.join(self.path, "resumes.jsonl"), "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise UsageError(f"--resume: cannot write in '{self.path}': {e.strerror}") from e
+        else:
+            self.schedule = [0, 1.0, steps]
+            self.path = self._make_run_dir()
+        self._open_logs()
+        self.writer.add_text("environment", f"{args.env_id}: " + ", ".join(map(str, self.info.values())))
+        where = ", ".join(map(str, self.info.values()))
+        print(f"run: {self.path}  env: {args.env_id} ({where})  device: {self.device}", flush=True)
+        self.start_time, self.start_step = time.time(), self.global_step
+
+    def iterations(self):
+        """Iteration numbers, 1, 2, ... (continuing after a resume), until the budget of steps is spent or
+        a stop signal arrived. Each iteration ends with run.log(); every --save-interval, a checkpoint."""
+        while self.path is not None and self.global_step < self.steps and self.stop_signal is None:
+            self.iteration += 1
+            step_before = self.global_step
+            yield self.iteration
+            if self.global_step == step_before:
+                raise RuntimeError("train() must call run.log(global_step, ...) once in every iteration")
+            if self.args.save_model and self.iteration % self.args.save_interval == 0:
+                self.save_checkpoint()
+        if self.stop_signal is not None and self.global_step < self.steps:
+            self.status = "interrupted"
+
+    def annealed(self, rate: float) -> float:
+        """`rate` annealed linearly to 0 at the end of the budget. A resumed run continues the schedule; with
+        a new budget (or a new --learning-rate) it goes from the rate reached (or the new one) to 0 over the
+        steps that remain, never jumping."""
+        start_step, fraction, steps = self.schedule
+        self.last_fraction = fraction * (1.0 - (self.global_step - start_step) / (steps - start_step))
+        return self.last_fraction * rate
+
+    def log_episodes(self, global_step: int, returns: list, lengths: list = None, prefix: str = ""):
+        """Episodes that ended in this iteration: their mean return (and length) at global_step; the summary
+        keeps the last 100 returns and the count. `prefix` keeps a second kind apart (e.g. "test_")."""
+        self.episodes[prefix] = self.episodes.get(prefix, 0) + len(returns)
+        self.returns.setdefault(prefix, deque(maxlen=100)).extend(float(r) for r in returns)
+        if len(returns):
+            self.writer.add_scalar(f"charts/{prefix}episodic_return", np.mean(returns), global_step)
+        if lengths is not None and len(lengths):
+            self.writer.add_scalar(f"charts/{prefix}episodic_length", np.mean(lengths), global_step)
+
+    def log(self, global_step: int, scalars: dict):
+        """The end of an iteration: its metrics (and the SPS) to TensorBoard at global_step, the progress."""
+        self.global_step = global_step
+        sps = int((global_step - self.start_step) / max(time.time() - self.start_time, 1e-9))
+        for tag, value in {**scalars, "charts/SPS": sps}.items():
+            self.writer.add_scalar(tag, value, global_step)
+        recent = float(np.mean(self.returns[""])) if self.returns.get("") else float("nan")
+        if self.bar is not None:
+            self.bar.update(global_step - self.bar.n)
+            self.bar.set_postfix(sps=sps, ret=f"{recent:.1f}", refresh=False)
+        elif self.args.progress and global_step >= self.next_print:  # about every tenth of the budget
+            self.next_print = global_step + self.steps / 10
             print(f"step {global_step:>10}  return(last100) {recent:8.2f}  SPS {sps}", flush=True)
 
-        if args.save_model and iteration % args.save_interval == 0:
-            save_checkpoint(checkpoint_path, agent, optimizer, args, global_step, iteration, episode_returns)
-        if interrupted:
-            status = "interrupted"
-            break
+    def fail(self, status: str):
+        """Stop the run: `status` (e.g. "non-finite loss") names why. The last checkpoint is kept as it is."""
+        kept = self.checkpoint_path if os.path.exists(self.checkpoint_path or "") else None
+        where = f" at iteration {self.iteration}" + (f"; the last good checkpoint is {kept}" if kept else "")
+        raise RunFailed(status, f"{status}{where}: stopped")
 
-    bar.close()
-    signal.signal(signal.SIGINT, previous_handler)
-    envs.close()
+    def evaluate(self, play):
+        """After training: the checkpoint and summary.json are written first, so that nothing can lose the
+        finished run; then `play(episodes, video_folder)` returns the returns of that many evaluation
+        episodes (--eval-episodes; one with --capture-video). A stop signal ends the evaluation at once."""
+        args = self.args
+        self._close_training()
+        episodes = args.eval_episodes or (10 if args.eval_checkpoint else int(args.capture_video))
+        if self.status != "finished" or episodes == 0:
+            return
+        if self.stop_signal is not None:  # arrived after the last iteration
+            self.status = "evaluation interrupted"
+            return
+        folder = os.path.dirname(os.path.abspath(args.eval_checkpoint)) if args.eval_checkpoint else self.path
+        self.status = "evaluation interrupted"  # until play() returns; a signal now stops it at once
+        returns = play(episodes, os.path.join(folder, "videos") if args.capture_video else None)
+        self.status = "finished"
+        self.summary.update(eval_episodes=len(returns), eval_return_mean=float(np.mean(returns)))
+        self.summary["eval_return_std"] = float(np.std(returns))
+        if self.writer is not None:
+            for i, r in enumerate(returns):
+                self.writer.add_scalar("eval/episodic_return", r, i)
 
-    if status == "non-finite loss":
-        writer.close()
-        kept = f"; the last good checkpoint is {checkpoint_path}" if os.path.exists(checkpoint_path) else ""
-        raise FloatingPointError(
-            f"non-finite loss at iteration {iteration} (global step {global_step}): stopped{kept}"
+    # ---- internals ----
+    def args_dict(self) -> dict:
+        return {f.name: getattr(self.args, f.name) for f in fields(self.args) if f.init}
+
+    @property
+    def checkpoint_path(self):
+        return os.path.join(self.path, "checkpoint.pt") if self.path else None
+
+    def save_checkpoint(self):
+        progress = {"global_step": self.global_step, "iteration": self.iteration, "episodes": self.episodes}
+        progress.update(returns={k: list(v) for k, v in self.returns.items()}, schedule=self.schedule)
+        state = {name: obj.state_dict() for name, obj in self.state.items()}
+        meta = {"format": CHECKPOINT_FORMAT, "script": SCRIPT, "args": self.args_dict(), "rng": rng_state()}
+        buffer = io.BytesIO()
+        torch.save({**meta, **progress, "last_fraction": self.last_fraction, **state}, buffer)
+        write_atomically(self.checkpoint_path, buffer.getvalue())
+
+    def _make_run_dir(self) -> str:
+        args = self.args
+        name = re.sub(
+            r"[^A-Za-z0-9_.\-]", "-", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
         )
-    if args.save_model or status == "interrupted":
-        save_checkpoint(checkpoint_path, agent, optimizer, args, global_step, iteration, episode_returns)
+        path, n = os.path.join(args.run_dir, name), 1
+        while os.path.exists(path):  # two runs started in the same second
+            path, n = os.path.join(args.run_dir, f"{name}-{n}"), n + 1
+        try:
+            os.makedirs(path)
+        except OSError as e:
+            raise UsageError(f"--run-dir: cannot create '{path}': {e.strerror}") from e
+        try:
+            write_json(os.path.join(path, "args.json"), self.args_dict())
+        except RunFailed as e:
+            shutil.rmtree(path, ignore_errors=True)
+            raise UsageError(f"--run-dir: {e}") from e
+        return path
 
-    summary = {
-        "env_id": args.env_id,
-        "seed": args.seed,
-        "global_step": global_step,
-        "episodes": episodes,
-        "episodic_return_mean_last100": float(np.mean(episode_returns)) if episode_returns else None,
-        "sps": int((global_step - start_step) / (time.time() - start_time)),
-        "wall_seconds": round(time.time() - start_time, 2),
-        "status": status,
-        "backend": envs.backend,
-        "cpu_core": cpu_core,
-        "run_dir": run_path,
-    }
-    if status == "finished" and (args.eval_episodes > 0 or args.capture_video):
-        video_folder = os.path.join(run_path, "videos") if args.capture_video else None
-        eval_returns = evaluate(
-            agent, args.env_id, max(1, args.eval_episodes), args.seed, device, video_folder
+    def _open_logs(self):
+        args = self.args
+        if args.track:
+            import wandb
+
+            try:
+                wandb.init(
+                    project=args.wandb_project_name,
+                    entity=args.wandb_entity,
+                    sync_tensorboard=True,
+                    config=self.args_dict(),
+                    name=os.path.basename(self.path),
+                    dir=self.path,
+                    save_code=True,
+                )
+            except Exception as e:
+                if not args.resume:
+                    shutil.rmtree(self.path, ignore_errors=True)
+                raise UsageError(f"--track: W&B did not start: {one_line(e)}") from e
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(self.path)
+        table = "\n".join(f"|{k}|{v}|" for k, v in self.args_dict().items())
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        show_bar = args.progress and sys.stdout.isatty()
+        if show_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.steps, initial=self.global_step, unit="step")
+        self.next_print = self.global_step + self.steps / 10
+
+    def _close_training(self):
+        """Once: the progress bar, the checkpoint (--save-model, a stop signal, or a resumed run, whose
+        checkpoint must end where it ends) and summary.json."""
+        if self.summary is not None:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        args = self.args
+        if args.eval_checkpoint:
+            self.summary = {"env_id": args.env_id, "checkpoint": args.eval_checkpoint, "status": self.status}
+            self.summary["global_step"] = self.global_step
+            return
+        self.summary = {
+            "env_id": args.env_id,
+            "seed": args.seed,
+            "global_step": self.global_step,
+            "episodes": self.episodes.get("", 0),
+            "episodic_return_mean_last100": float(np.mean(self.returns[""]))
+            if self.returns.get("")
+            else None,
+            "sps": int((self.global_step - self.start_step) / max(time.time() - self.start_time, 1e-9)),
+            "wall_seconds": round(time.time() - self.start_time, 2),
+            "status": self.status,
+            **self.info,
+            "cpu_core": self.cpu_core,
+        }
+        for prefix in sorted(k for k in self.returns if k):
+            self.summary[f"{prefix}episodes"] = self.episodes[prefix]
+            returns = self.returns[prefix]
+            self.summary[f"{prefix}episodic_return_mean_last100"] = (
+                float(np.mean(returns)) if returns else None
+            )
+        resumed_path = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
+        self.summary["run_dir"] = self.path or resumed_path
+        if self.status == "already finished":  # the run's own record, untouched
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(self.summary["run_dir"], "summary.json")) as f:
+                    self.summary = {**json.load(f), "status": self.status}
+        if self.path is None or self.status == "already finished":
+            return
+        healthy = self.status in ("finished", "interrupted")
+        if healthy and (args.save_model or args.resume or self.stop_signal is not None):
+            self.save_checkpoint()
+        write_json(os.path.join(self.path, "summary.json"), self.summary)
+
+    def close(self):
+        """The end, whatever happened: summary.json (again, with the evaluation), the logs, the JSON line."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._close_training()
+            self.summary["status"] = self.status
+            if self.error:
+                self.summary["error"] = self.error
+            if self.stop_signal is not None:
+                self.summary["signal"] = signal.Signals(self.stop_signal).name
+            if self.path is not None and self.status != "already finished":
+                write_json(os.path.join(self.path, "summary.json"), self.summary)
+        except RunFailed as e:  # e.g. the disk is full: the status says so, the JSON line still comes
+            if self.error is None:  # (not when that same failure stopped the run: it was reported)
+                self.status, self.error = e.status, str(e)
+                self.summary.update(status=e.status, error=str(e))
+                print(f"error: {e}", file=sys.stderr, flush=True)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+            if self.args.track and self.path is not None:
+                import wandb
+
+                wandb.finish()
+            print(json.dumps(self.summary), flush=True)
+
+
+def main(args) -> dict:
+    """train(args, run) inside the harness. Returns the summary, also printed as the last stdout line; its
+    "status" says how the run ended (cli() maps it to the exit code). Bad input raises UsageError first."""
+    run = Run(args)
+
+    def on_signal(signum, frame):
+        if run.stop_signal is not None or run.status == "evaluation interrupted":
+            raise Interrupted(signum)
+        run.stop_signal = signum
+        name = signal.Signals(signum).name
+        print(
+            f"\n{name}: finishing this iteration, then saving a checkpoint ({name} again quits now)",
+            flush=True,
         )
-        for i, r in enumerate(eval_returns):
-            writer.add_scalar("eval/episodic_return", r, i)
-        summary["eval_return_mean"] = float(np.mean(eval_returns))
-    write_json(os.path.join(run_path, "summary.json"), summary)
-    writer.close()
-    if args.track:
-        wandb.finish()
-    print(json.dumps(summary), flush=True)
-    return summary
 
-
-def parse_args(argv=None) -> Args:
-    """tyro parsing; with --resume, the checkpoint's arguments become the defaults (given flags override)."""
-    argv = sys.argv[1:] if argv is None else argv
-    resume = next((a.split("=", 1)[1] for a in argv if a.startswith("--resume=")), None)
-    if resume is None and "--resume" in argv and argv.index("--resume") + 1 < len(argv):
-        resume = argv[argv.index("--resume") + 1]
-    if resume is None or not os.path.isfile(resume):
-        return tyro.cli(Args, args=argv)
-    stored = load_checkpoint(resume, "cpu")["args"]
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        default = Args(**{**stored, "resume": resume})
-    except TypeError as e:  # e.g. a checkpoint of another script, with other arguments
-        raise UsageError(f"'{resume}' was not written by this script ({e})") from e
+        train(args, run)
+    except RunFailed as e:
+        run.status, run.error = e.status, str(e)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    except Interrupted as e:  # a second signal, or one during evaluation
+        run.stop_signal = run.stop_signal or e.signum
+        if run.status != "evaluation interrupted":
+            run.status = "aborted"  # no checkpoint: the user asked to quit now
+        print(f"\n{e.args[0]}: stopped", file=sys.stderr, flush=True)
+    except UsageError:
+        if run.path is not None and not run.args.resume:
+            shutil.rmtree(run.path, ignore_errors=True)  # a run that never started leaves nothing behind
+        raise
+    except Exception:  # a bug: its traceback follows, after the summary of what the run had done
+        run.status = "crashed"
+        run.close()
+        raise
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    if run.status == "already finished":
+        where = os.path.dirname(os.path.abspath(args.resume))
+        print(
+            f"already finished: {where} is at step {run.global_step} of {run.steps}; nothing to do "
+            "(a larger --total-timesteps continues it)",
+            file=sys.stderr,
+        )
+    run.close()
+    return run.summary
+
+
+def parse_args(argv=None) -> "Args":
+    """tyro parsing; with --resume or --eval-checkpoint, the checkpoint's arguments are the defaults and the
+    flags given override them."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for flag in ("--resume", "--eval-checkpoint"):
+        path = next((a.split("=", 1)[1] for a in argv if a.startswith(flag + "=")), None)
+        if path is None and flag in argv and argv.index(flag) + 1 < len(argv):
+            path = argv[argv.index(flag) + 1]
+        if path is not None and os.path.isfile(path):
+            break
+    else:
+        return tyro.cli(Args, args=argv)
+    stored = load_checkpoint(path)["args"]
+    given = {"resume": None, "eval_checkpoint": None, flag[2:].replace("-", "_"): path}
+    try:
+        default = Args(**{**stored, **given})
+    except TypeError as e:
+        raise UsageError(f"'{path}' holds arguments this script does not have ({e})") from e
     args = tyro.cli(Args, args=argv, default=default)
     return Args(**{f.name: getattr(args, f.name) for f in fields(Args) if f.init})  # recompute derived sizes
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """The exit code: 0 for a finished run, 128 + the signal's number after a stop signal (130 for SIGINT,
+    143 for SIGTERM, as a shell reports them), 1 for any failure."""
     try:
         summary = main(parse_args())
-    except (UsageError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
-    sys.exit(130 if summary["status"] == "interrupted" else 0)  # 130: the shell's code for Ctrl-C
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(json.dumps({"status": "usage error", "error": str(e)}), flush=True)
+        return 1
+    if "signal" in summary:
+        return 128 + signal.Signals[summary["signal"]].value
+    return 0 if summary["status"] in ("finished", "already finished") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -8,7 +8,15 @@ from torch.distributions import Normal
 
 import ppo_continuous as pc
 import tests.envs  # noqa: F401  (registers the counting envs)
-from tests.conftest import PPO_METRICS, check_run_outputs, last_json, read_scalars, run_cli, small_args
+from tests.conftest import (
+    PPO_METRICS,
+    check_run_outputs,
+    last_json,
+    named_args,
+    read_scalars,
+    run_cli,
+    small_args,
+)
 
 CONTINUOUS_METRICS = [
     m for m in PPO_METRICS if m != "debug/relative_entropy"
@@ -59,7 +67,8 @@ def test_gaussian_policy_matches_torch_normal():
     with torch.no_grad():
         agent.actor_logstd.copy_(torch.tensor([[0.3, -0.5, 0.0]]))
     x = torch.randn(6, 4) * 3
-    action, logprob = agent.get_action(x)
+    action, logprob, value = agent.get_action(x)
+    assert value is None  # the critic is separate: values come batched after the rollout
     ref = Normal(agent.actor_mean(agent.normalize(x)), agent.actor_logstd.exp())
     assert torch.allclose(logprob, ref.log_prob(action).sum(-1), atol=1e-5)
     _, logprob2, entropy, _ = agent.get_action_and_value(x, action)
@@ -97,8 +106,9 @@ def test_observation_statistics_are_frozen_within_an_iteration(run_dir, monkeypa
     first_kl = []
     real = pc.ppo_loss
 
-    def spy(**kw):
-        loss, stats = real(**kw)
+    def spy(*a, **k):
+        loss, stats = real(*a, **k)
+        kw = named_args(real, a, k)
         first_kl.append((kw["newlogprob"] - kw["oldlogprob"]).abs().max().item())
         return loss, stats
 
@@ -124,7 +134,7 @@ def test_smoke_outputs_metrics_and_normalisation_in_checkpoint(env_id, backend, 
     missing = [m for m in CONTINUOUS_METRICS if m not in scalars and not m.startswith("charts/episodic")]
     assert not missing, missing
     assert len(scalars["losses/policy_loss"]) == 2
-    ckpt = torch.load(f"{summary['run_dir']}/checkpoint.pt", weights_only=False)
+    ckpt = torch.load(f"{summary['run_dir']}/checkpoint.pt", weights_only=True)
     assert ckpt["agent"]["obs_rms.count"].item() == 512 and ckpt["agent"]["norm_obs"].item()  # 2 x 2 x 128
     assert ckpt["reward_scaler"]["rms"]["count"].item() > 0
 

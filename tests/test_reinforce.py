@@ -66,13 +66,17 @@ def test_policies_match_torch_distributions(module):
     agent = module.Agent(obs_space, box)
     with torch.no_grad():
         agent.actor_logstd.copy_(torch.tensor([[0.3, -0.5, 0.0]]))
-    action, logprob, entropy = agent.get_action_and_logprob(x)
+    action, logprob, value = agent.get_action(x)  # acting
+    logprob2, entropy = agent.get_logprob_and_entropy(x, action)  # the update
     ref = Normal(agent.actor_mean(x), agent.actor_logstd.exp())
+    assert value is None and torch.allclose(logprob, logprob2)
     assert torch.allclose(logprob, ref.log_prob(action).sum(-1), atol=1e-5)
     assert torch.allclose(entropy, ref.entropy().sum(-1), atol=1e-5)
     agent = module.Agent(obs_space, gym.spaces.Discrete(3))
-    action, logprob, entropy = agent.get_action_and_logprob(x)
+    action, logprob, _ = agent.get_action(x)
+    logprob2, entropy = agent.get_logprob_and_entropy(x, action)
     ref = Categorical(logits=agent.actor(x))
+    assert torch.allclose(logprob, logprob2)
     assert torch.allclose(logprob, ref.log_prob(action), atol=1e-6)
     assert torch.allclose(entropy, ref.entropy(), atol=1e-6)
 
@@ -88,14 +92,13 @@ def test_log_prob_uses_the_unclipped_sample(script, run_dir, monkeypatch):
     """Pendulum's actions are bounded by +-2; samples beyond the bounds reach the loss unclipped."""
     module = load_script(script)
     seen = []
-    real = module.Agent.get_action_and_logprob
+    real = module.Agent.get_logprob_and_entropy
 
-    def spy(self, x, action=None):
-        if action is not None:  # the update's call with the stored actions
-            seen.append(action.detach().clone())
+    def spy(self, x, action):  # the update's call with the stored actions
+        seen.append(action.detach().clone())
         return real(self, x, action)
 
-    monkeypatch.setattr(module.Agent, "get_action_and_logprob", spy)
+    monkeypatch.setattr(module.Agent, "get_logprob_and_entropy", spy)
     module.main(
         small_args(
             script,
@@ -116,18 +119,17 @@ def test_only_complete_valid_steps_enter_the_loss(script, run_dir, monkeypatch):
     must have mask 0; each episode is three steps with return 3."""
     module = load_script(script)
     seen = {}
-    real_gal, real_loss = module.Agent.get_action_and_logprob, module.reinforce_loss
+    real_gle, real_loss = module.Agent.get_logprob_and_entropy, module.reinforce_loss
 
-    def spy_gal(self, x, action=None):
-        if action is not None:
-            seen["obs"] = x[..., 0].clone()
-        return real_gal(self, x, action)
+    def spy_gle(self, x, action):
+        seen["obs"] = x[..., 0].clone()
+        return real_gle(self, x, action)
 
     def spy_loss(*args):
         seen["mask"] = args[-1].clone()
         return real_loss(*args)
 
-    monkeypatch.setattr(module.Agent, "get_action_and_logprob", spy_gal)
+    monkeypatch.setattr(module.Agent, "get_logprob_and_entropy", spy_gle)
     monkeypatch.setattr(module, "reinforce_loss", spy_loss)
     summary = module.main(
         small_args(script, run_dir, env_id="tests.envs:Counting-v0", env_backend="gymnasium")
