@@ -19,144 +19,78 @@ Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Op
 
 Run:    python ppo_atari.py --env-id BreakoutNoFrameskip-v4 --seed 1
 Expect: a faithful PPO reaches about 400 on Breakout in 10M steps (CleanRL: 415 +- 28); random play scores
-        about 1.1. What this 2-core CPU machine reaches in its budget is in the README, with the command.
+        about 1.1. What a CPU run reaches in a smaller budget is in the README, with the command.
+
+Read top to bottom: Args, ENVIRONMENT, NETWORK, ALGORITHM, then train(): the whole algorithm. Below the
+RUN HARNESS fence: checkpoints, signals, logging set-up and the command line, the same in every script.
 """
 
 import contextlib
-import difflib
 import io
-import json
 import os
-import random
 import re
-import signal
-import sys
-import time
 import warnings
-from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
+from difflib import get_close_matches
 from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import tyro
 
 
-# ---------------------------------------------------------------------------------------------------------
-# ARGUMENTS
-# ---------------------------------------------------------------------------------------------------------
-class UsageError(Exception):
-    """A bad command line or environment id: reported as one line, before anything is written."""
-
-
+# ----------------------------------------------- ARGUMENTS -----------------------------------------------
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment, part of the run name"""
-    seed: int = 1
-    """seed of the experiment (torch, numpy, python and the environments)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, use CUDA when it is available"""
-    torch_threads: int = 2
-    """CPU threads for torch; 2 is fastest for the CNN on the 2-core machine (README, speed section)"""
-    pin_cpu: bool = False
-    """on CPU, run the whole process (envpool's workers too) on the core it starts on; off: the CNN wants
-    every core (README, Speed)"""
-    track: bool = False
-    """if toggled, also log to Weights & Biases (imported only then)"""
-    wandb_project_name: str = "rl-scripts"
-    """the W&B project name"""
-    wandb_entity: Optional[str] = None
-    """the W&B entity (team or user); None uses your default"""
-    capture_video: bool = False
-    """if toggled, record the evaluation games (at least one) to `<run>/videos` (needs moviepy)"""
-    save_model: bool = False
-    """if toggled, write `<run>/checkpoint.pt` every `--save-interval` iterations and at the end"""
-    save_interval: int = 25
-    """iterations between checkpoints with `--save-model`"""
-    resume: Optional[str] = None
-    """path of a checkpoint to continue from; its run's arguments are the defaults, flags given override them"""
-    run_dir: str = "runs"
-    """directory that holds one sub-directory per run"""
-    progress: bool = True
-    """show a progress bar when stdout is a terminal"""
+    env_id: str = "BreakoutNoFrameskip-v4"  # an Atari id, or a gymnasium id with (4, 84, 84) uint8 frames
+    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"  # auto = envpool for Atari and ids it has
+    total_timesteps: int = 10_000_000  # total environment steps, summed over environments
+    learning_rate: float = 2.5e-4  # the learning rate of the Adam optimizer (typical 1e-4 to 1e-3)
+    num_envs: int = 8  # the number of parallel environments
+    num_steps: int = 128  # the number of steps per environment in each rollout
+    anneal_lr: bool = True  # linearly anneal the learning rate to 0 over the run
+    gamma: float = 0.99  # the discount factor (0.9 to 0.999)
+    gae_lambda: float = 0.95  # the GAE lambda (0.9 to 1; 1 gives Monte Carlo advantages)
+    num_minibatches: int = 4  # the number of minibatches each batch is split into
+    update_epochs: int = 4  # the number of passes over each batch
+    norm_adv: bool = True  # normalise advantages within each minibatch to mean 0, std 1
+    clip_coef: float = 0.1  # the surrogate clipping coefficient epsilon (0.1 to 0.3)
+    clip_vloss: bool = True  # clip the value loss around the old values, as in the PPO paper's code
+    ent_coef: float = 0.01  # the coefficient of the entropy bonus (0 to 0.01)
+    vf_coef: float = 0.5  # the coefficient of the value loss
+    max_grad_norm: float = 0.5  # the maximum norm of the gradient; larger gradients are scaled down to it
+    target_kl: Optional[float] = None  # stop an update's epochs above this mean approx KL (0.01 to 0.05)
+    bootstrap_truncation: bool = True  # bootstrap time-limit ends from V(final obs); off: as terminations
 
-    # Algorithm specific arguments
-    env_id: str = "BreakoutNoFrameskip-v4"
-    """an Atari id (`BreakoutNoFrameskip-v4`, `Breakout-v5`, `ALE/Breakout-v5`) or a gymnasium id with (4, 84, 84) frames"""
-    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
-    """`auto` uses envpool for Atari ids and ids it has, gymnasium otherwise"""
-    total_timesteps: int = 10_000_000
-    """total environment steps, summed over environments"""
-    learning_rate: float = 2.5e-4
-    """the learning rate of the Adam optimizer (typical 1e-4 to 1e-3)"""
-    num_envs: int = 8
-    """the number of parallel environments"""
-    num_steps: int = 128
-    """the number of steps per environment in each rollout"""
-    anneal_lr: bool = True
-    """linearly anneal the learning rate to 0 over the run"""
-    gamma: float = 0.99
-    """the discount factor (0.9 to 0.999)"""
-    gae_lambda: float = 0.95
-    """the lambda of generalised advantage estimation (0.9 to 1; 1 gives Monte Carlo advantages)"""
-    num_minibatches: int = 4
-    """the number of minibatches each batch is split into"""
-    update_epochs: int = 4
-    """the number of passes over each batch"""
-    norm_adv: bool = True
-    """normalise advantages within each minibatch to mean 0, std 1"""
-    clip_coef: float = 0.1
-    """the surrogate clipping coefficient epsilon (0.1 to 0.3)"""
-    clip_vloss: bool = True
-    """clip the value loss around the old values, as in the PPO paper's code"""
-    ent_coef: float = 0.01
-    """the coefficient of the entropy bonus (0 to 0.01)"""
-    vf_coef: float = 0.5
-    """the coefficient of the value loss"""
-    max_grad_norm: float = 0.5
-    """the maximum norm of the gradient; larger gradients are scaled down to it"""
-    target_kl: Optional[float] = None
-    """stop the epochs of an update early once an epoch's mean approximate KL exceeds it (0.01 to 0.05); None: off"""
-    bootstrap_truncation: bool = True
-    """bootstrap a time-limit truncation from V(final observation); off treats it as a termination (classic)"""
-    eval_episodes: int = 0
-    """whole games of greedy play (argmax action) after training, raw score logged as eval/episodic_return"""
-    compile: bool = False
-    """if toggled, torch.compile acting and the loss (README, Speed: measured; the first iteration compiles)"""
-    cudagraphs: bool = False
-    """if toggled (CUDA only), also record them as CUDA graphs (torch.compile's mode `reduce-overhead`)"""
+    # Running, saving and logging
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run name
+    seed: int = 1  # seed of the experiment (torch, numpy, python and the environments)
+    torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
+    cuda: bool = True  # if toggled, use CUDA when it is available
+    torch_threads: int = 2  # CPU threads for torch; the CNN's convolutions use more than one (README, Speed)
+    pin_cpu: bool = False  # on CPU, keep the process on one core; off: the CNN uses all cores (README, Speed)
+    compile: bool = False  # torch.compile acting and the loss (README, Speed; the first iteration compiles)
+    cudagraphs: bool = False  # CUDA only: also record them as CUDA graphs (torch.compile's reduce-overhead)
+    eval_episodes: int = 0  # whole games of greedy play after training; raw score in eval/episodic_return
+    capture_video: bool = False  # record the evaluation games (at least one) to <run>/videos
+    save_model: bool = False  # write <run>/checkpoint.pt every --save-interval iterations and at the end
+    save_interval: int = 25  # iterations between checkpoints with `--save-model`
+    resume: Optional[str] = None  # a checkpoint to continue from; its args are the defaults, flags override
+    eval_checkpoint: Optional[str] = None  # evaluate this checkpoint and exit (--eval-episodes, 0 means 10)
+    run_dir: str = "runs"  # directory that holds one sub-directory per run
+    progress: bool = True  # show a progress bar when stdout is a terminal
+    track: bool = False  # if toggled, also log to Weights & Biases (imported only then)
+    wandb_project_name: str = "rl-scripts"  # the W&B project name
+    wandb_entity: Optional[str] = None  # the W&B entity (team or user); None uses your default
 
     # to be filled in __post_init__
-    batch_size: int = field(init=False)
-    """the batch size (num_envs * num_steps)"""
-    minibatch_size: int = field(init=False)
-    """the minibatch size (batch_size // num_minibatches)"""
-    num_iterations: int = field(init=False)
-    """the number of iterations (total_timesteps // batch_size)"""
+    batch_size: int = field(init=False)  # the batch size (num_envs * num_steps)
+    minibatch_size: int = field(init=False)  # the minibatch size (batch_size // num_minibatches)
+    num_iterations: int = field(init=False)  # the number of iterations (total_timesteps // batch_size)
 
     def __post_init__(self):
-        for name in (
-            "num_envs",
-            "num_steps",
-            "num_minibatches",
-            "update_epochs",
-            "torch_threads",
-            "save_interval",
-        ):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("gamma", "gae_lambda"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise UsageError(f"--learning-rate must be > 0, got {self.learning_rate}")
-        if self.eval_episodes < 0:
-            raise UsageError(f"--eval-episodes must be >= 0, got {self.eval_episodes}")
+        check_args(self)  # the ranges of all flags and the checkpoint files (in the harness below)
         self.batch_size = self.num_envs * self.num_steps
         if self.batch_size % self.num_minibatches:
             raise UsageError(
@@ -169,14 +103,10 @@ class Args:
             raise UsageError(
                 f"--total-timesteps {self.total_timesteps} is less than one batch ({self.batch_size} steps)"
             )
-        if self.resume is not None and not os.path.isfile(self.resume):
-            raise UsageError(f"--resume: no checkpoint file at '{self.resume}'")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# ENVIRONMENT
-# ---------------------------------------------------------------------------------------------------------
-# Atari ids: `<Game>NoFrameskip-v4` and `<Game>-v5` (NoFrameskip-v4 protocol), `ALE/<Game>-v5` (sticky actions)
+# ---------------------------------------------- ENVIRONMENT ----------------------------------------------
+# Atari ids: `<Game>NoFrameskip-v4`, `<Game>-v5` (NoFrameskip-v4 protocol), `ALE/<Game>-v5` (sticky actions)
 ATARI_ID = re.compile(r"(?P<ale>ALE/)?(?P<game>[A-Za-z0-9]+?)(?P<version>NoFrameskip-v4|-v5)")
 
 
@@ -190,7 +120,7 @@ def atari_task(env_id: str, envpool):
         return task, ("sticky actions" if m["ale"] else "NoFrameskip-v4")
     if m["ale"] or m["version"] == "NoFrameskip-v4":  # unmistakably meant as Atari: name the games
         games = [e[: -len("-v5")] for e in envpool.list_all_envs() if e.endswith("-v5")]
-        close = difflib.get_close_matches(m["game"], games, n=3)
+        close = get_close_matches(m["game"], games, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UsageError(f"unknown Atari game '{m['game']}' in '{env_id}'{hint}")
     return None  # e.g. Ant-v5: not a game; the generic path below handles it
@@ -203,10 +133,8 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto", rende
     episode; step t+1 ignores its action, resets, and returns reward 0 with the first observation of the
     next episode. The training loop relies on exactly this, on both backends. With episodic life, an Atari
     episode is one life: the step after a lost life is such an autoreset step too (envpool then plays
-    1-30 no-ops and FIRE without resetting the game; their rewards, if any, are dropped).
-
-    `envs.protocol` says which Atari protocol runs; `envs.whole_games` is True when episodes are lives and
-    rewards are clipped, so that the logged return must come from `game_score` instead.
+    1-30 no-ops and FIRE without resetting the game; their rewards, if any, are dropped). `envs.protocol`
+    names the Atari protocol; `envs.whole_games`: episodes are lives and rewards are clipped (game_score).
     """
     with contextlib.redirect_stderr(io.StringIO()):
         import envpool  # here, so that importing this script does no work; it prints old gym's notice
@@ -270,10 +198,7 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto", rende
             **({"render_mode": "rgb_array"} if render else {}),
         )
     except gym.error.Error as e:
-        known = list(gym.registry) + list(envpool.list_all_envs())
-        close = difflib.get_close_matches(env_id.split(":")[-1], known, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UsageError(f"unknown environment id '{env_id}'{hint}") from e
+        raise unknown_env_id(env_id, list(gym.registry) + list(envpool.list_all_envs())) from e
     except ImportError as e:
         raise UsageError(f"environment id '{env_id}': cannot import its module ({e})") from e
     envs.reset(seed=seed)  # seeds every sub-environment; later resets continue from these seeds
@@ -284,28 +209,21 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto", rende
 
 
 def game_score(envs, reward, terminated, truncated, info):
-    """(raw reward, game over) of one vector step: what the logged episode return adds up.
-
-    Training episodes are lives and training rewards are clipped, but a researcher compares scores of whole
-    games: envpool reports the unclipped reward in info["reward"] and the real game over in
-    info["terminated"]. A time-limit truncation also ends the game (without it, the next game's score would
-    be added to this one: CleanRL's envpool statistics wrapper does that). Other envs: the reward and episode
-    end as they are.
-    """
+    """(raw reward, game over) of one vector step: what the logged episode return adds up. Training episodes
+    are lives and training rewards are clipped, but scores are compared by whole games: envpool reports the
+    unclipped reward in info["reward"] and the real game over in info["terminated"]. A time-limit truncation
+    also ends the game (else the next game's score would be added to this one, as CleanRL's envpool
+    statistics wrapper does). Other envs: the reward and episode end as they are."""
     if envs.whole_games:
         return info["reward"], info["terminated"].astype(bool) | truncated
     return reward, terminated | truncated
 
 
 def check_spaces(envs):
-    """ppo_atari.py handles stacks of 84x84 uint8 frames and discrete actions; say which script fits otherwise."""
+    """ppo_atari.py handles stacks of 84x84 uint8 frames and discrete actions; say which fits otherwise."""
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
-    if (
-        not isinstance(obs_space, gym.spaces.Box)
-        or len(obs_space.shape) != 3
-        or obs_space.shape[1:] != (84, 84)
-        or obs_space.dtype != np.uint8
-    ):
+    frames = isinstance(obs_space, gym.spaces.Box) and obs_space.shape[1:] == (84, 84)  # (stack, 84, 84)
+    if not frames or obs_space.dtype != np.uint8:
         raise UsageError(
             f"ppo_atari.py needs (4, 84, 84) uint8 frames, this env has {obs_space}; use ppo.py for vector "
             "observations or ppo_procgen_impala.py for (64, 64, 3) images"
@@ -314,9 +232,50 @@ def check_spaces(envs):
         raise UsageError(f"ppo_atari.py needs discrete actions, this env has {act_space}")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# NETWORK
-# ---------------------------------------------------------------------------------------------------------
+def check_render(args):
+    """--capture-video: render one frame now, so that a missing renderer is reported before training."""
+    try:
+        env = make_env(args.env_id, 1, args.seed, args.env_backend, render=True)
+        env.reset()
+        if env.render() is None:
+            raise ValueError("render() returned no frame")
+        env.close()
+    except Exception as e:
+        raise UsageError(f"--capture-video: cannot render '{args.env_id}' as rgb_array ({e})") from e
+
+
+def evaluate(agent, env_id, episodes, seed, device, backend, video_folder=None):
+    """Play `episodes` whole games with the greedy policy on a fresh environment of the training protocol
+    (a policy trained with FIRE after each lost life plays the same way); their raw scores. With
+    `video_folder`, each game is written there as an mp4."""
+    envs = make_env(env_id, 1, seed, backend, render=video_folder is not None)
+    obs, _ = envs.reset()
+    frames = [np.asarray(envs.render()[0])] if video_folder else []
+    returns = []
+    for episode in range(episodes):
+        done, total = False, 0.0
+        while not done:
+            with torch.inference_mode():
+                action = agent.greedy_action(torch.as_tensor(obs, device=device))
+            obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+            if video_folder:
+                frames.append(np.asarray(envs.render()[0]))
+            raw_reward, game_over = game_score(envs, reward, terminated, truncated, info)
+            total += float(raw_reward[0])
+            done = game_over[0]
+        returns.append(total)
+        if video_folder:
+            from moviepy import ImageSequenceClip
+
+            os.makedirs(video_folder, exist_ok=True)
+            path = os.path.join(video_folder, f"eval-game-{episode}.mp4")
+            ImageSequenceClip(frames, fps=envs.render_fps).write_videofile(path, logger=None)
+            frames = []
+    envs.close()
+    return returns
+
+
+# ------------------------------------------------ NETWORK ------------------------------------------------
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     """Orthogonal weights with gain `std` and constant bias, as in baselines' PPO (detail 2 of the 37)."""
     torch.nn.init.orthogonal_(layer.weight, std)
@@ -325,12 +284,10 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 
 class Agent(nn.Module):
-    """The Nature CNN (Mnih et al. 2015) as a trunk shared by a policy head and a value head.
-
-    Sharing the trunk halves the convolution work, and the value comes with every action for free; the
-    policy head's 0.01 gain makes the initial policy close to uniform, the value head's gain is 1
-    (baselines' PPO). Frames arrive as uint8 and become [0, 1] floats here, so the rollout stores uint8.
-    """
+    """The Nature CNN (Mnih et al. 2015) as a trunk shared by a policy head and a value head: half the
+    convolution work, and the value comes with every action. The policy head's 0.01 gain makes the initial
+    policy close to uniform; the value head's gain is 1 (baselines' PPO). Frames arrive as uint8 and become
+    [0, 1] floats here, so the rollout stores uint8."""
 
     def __init__(self, observation_space, action_space):
         super().__init__()
@@ -348,12 +305,12 @@ class Agent(nn.Module):
         )
         self.actor = layer_init(nn.Linear(512, action_space.n), std=0.01)
         self.critic = layer_init(nn.Linear(512, 1), std=1.0)
-        # Channels-last (NHWC) memory: the CPU convolution kernels are much faster with it (first conv,
-        # 256 frames, forward + backward: 60 -> 14 ms on the 2-core machine); on a GPU it is neutral or better.
+        # Channels-last (NHWC) memory: the CPU convolution kernels are much faster with it (README, Speed);
+        # on a GPU it is neutral or better.
         self.to(memory_format=torch.channels_last)
 
     def hidden(self, x):
-        # uint8 -> [0, 1]; the layout changes before the conversion, on 4x fewer bytes (256 frames: 7.4 -> 5.4 ms)
+        # uint8 -> [0, 1]; the layout changes before the conversion, on 4x fewer bytes
         x = x.contiguous(memory_format=torch.channels_last).float() / 255.0
         return self.network(x)
 
@@ -363,7 +320,7 @@ class Agent(nn.Module):
     # The categorical distribution is written out (log-softmax, sampling, log-prob, entropy) instead of
     # building a torch.distributions.Categorical: the formulas are worth seeing, and ppo.py does the same.
     def get_action(self, x):
-        """Sample actions for acting, with the value of the same frames (one trunk pass for both)."""
+        """Acting: (action, log-prob, value), all three from one pass through the trunk."""
         hidden = self.hidden(x)
         logits = self.actor(hidden)
         action = torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
@@ -383,9 +340,7 @@ class Agent(nn.Module):
         return self.actor(self.hidden(x)).argmax(-1)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# ALGORITHM (pure functions: tensors in, tensors out; the tests import them)
-# ---------------------------------------------------------------------------------------------------------
+# -------------- ALGORITHM (pure functions: tensors in, tensors out; the tests import them) ---------------
 def compute_gae(rewards, values, next_values, terminations, dones, gamma, gae_lambda):
     """Generalised advantage estimation (Schulman et al. 2016), all arguments (num_steps, num_envs).
 
@@ -469,195 +424,25 @@ def ppo_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, en
     return loss, stats
 
 
-# ---------------------------------------------------------------------------------------------------------
-# RUN BOOK-KEEPING (CPU core, run directory, checkpoint, summary)
-# ---------------------------------------------------------------------------------------------------------
-def pin_to_current_core():
-    """Restrict this thread, and every thread it starts from now on (torch's, the environments' workers), to
-    the CPU core it is running on; return that core, or None where the OS has no CPU affinity (not Linux).
-    Already restricted to one core (`taskset -c 3 python ...`), it stays there."""
-    if not (hasattr(os, "sched_setaffinity") and os.path.exists("/proc/thread-self/stat")):
-        return None
-    with open("/proc/thread-self/stat") as f:
-        core = int(f.read().rsplit(")", 1)[1].split()[36])  # field 39 of proc(5): the CPU it last ran on
-    os.sched_setaffinity(0, {core})
-    return core
-
-
-def make_run_path(args) -> str:
-    """`<run_dir>/<env_id>__<exp_name>__<seed>__<unix time>`, with characters unsafe in paths replaced."""
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = re.sub(r"[^A-Za-z0-9_.\-]", "-", run_name)
-    path, n = os.path.join(args.run_dir, run_name), 1
-    while os.path.exists(path):  # two runs started in the same second
-        path, n = os.path.join(args.run_dir, f"{run_name}-{n}"), n + 1
-    os.makedirs(path)
-    return path
-
-
-def save_checkpoint(path, agent, optimizer, args, global_step, iteration, episode_returns):
-    """Everything needed to continue the run, written to a temporary file and renamed, so that a crash or
-    Ctrl-C during the write never leaves a truncated checkpoint behind."""
-    state = {
-        "agent": agent.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "args": {f.name: getattr(args, f.name) for f in fields(args) if f.init},
-        "global_step": global_step,
-        "iteration": iteration,
-        "episode_returns": list(episode_returns),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-    }
-    if torch.cuda.is_available():
-        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, device):
-    try:
-        return torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:
-        raise UsageError(f"cannot read checkpoint '{path}': {type(e).__name__}: {e}") from e
-
-
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def evaluate(agent, env_id, episodes, seed, device, backend, video_folder=None):
-    """Play `episodes` whole games with the greedy policy on a fresh environment of the training protocol
-    (a policy trained with FIRE after each lost life is evaluated the same way) and return their raw scores.
-    With `video_folder`, each game is written there as an mp4."""
-    envs = make_env(env_id, 1, seed, backend, render=video_folder is not None)
-    obs, _ = envs.reset()
-    returns, score = [], 0.0
-    frames = [np.asarray(envs.render()[0])] if video_folder else []
-    while len(returns) < episodes:
-        with torch.inference_mode():
-            action = agent.greedy_action(torch.as_tensor(obs, device=device))
-        obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
-        if video_folder:
-            frames.append(np.asarray(envs.render()[0]))
-        raw_reward, game_over = game_score(envs, reward, terminated, truncated, info)
-        score += float(raw_reward[0])
-        if game_over[0]:
-            returns.append(score)
-            score = 0.0
-            if video_folder:
-                from moviepy import ImageSequenceClip
-
-                os.makedirs(video_folder, exist_ok=True)
-                path = os.path.join(video_folder, f"eval-game-{len(returns) - 1}.mp4")
-                ImageSequenceClip(frames, fps=envs.render_fps).write_videofile(path, logger=None)
-                frames = []
-    envs.close()
-    return returns
-
-
-# ---------------------------------------------------------------------------------------------------------
-# MAIN
-# ---------------------------------------------------------------------------------------------------------
-def main(args: Args) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    # --pin-cpu, first, so that every thread started later inherits it. envpool steps the environments in
-    # worker threads; on another core, every step's hand-off between the training loop and a worker costs
-    # more than a CartPole step itself (README, Speed: ppo.py on the 2-core machine, 9k -> 12-13k SPS).
-    cpu_core = pin_to_current_core() if args.pin_cpu and device.type == "cpu" else None
-    torch.set_num_threads(args.torch_threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-
-    # Everything that can fail on the user's input fails here, before anything is written.
-    if args.cudagraphs and device.type != "cuda":
-        raise UsageError("--cudagraphs needs a CUDA device (CUDA graphs replay GPU kernels)")
-    ckpt = load_checkpoint(args.resume, device) if args.resume else None
-    envs = make_env(
-        args.env_id, args.num_envs, args.seed + (ckpt["global_step"] if ckpt else 0), args.env_backend
-    )
+# ----------------------------------------------- TRAINING ------------------------------------------------
+def train(args: Args, run):
+    """PPO: collect a rollout with the current policy, compute advantages, update for a few epochs; repeat."""
+    device = run.device
+    # a resumed run seeds its environments afresh, so that it does not replay the episodes it started with
+    envs = make_env(args.env_id, args.num_envs, args.seed + run.global_step, args.env_backend)
     check_spaces(envs)
     if args.capture_video:
-        try:
-            import moviepy  # noqa: F401  (evaluate() writes the videos with it)
-        except ImportError as e:
-            raise UsageError("--capture-video needs moviepy: pip install -e '.[video]'") from e
-        try:  # render one frame now, so that a missing renderer is reported before training, not after
-            probe_env = make_env(args.env_id, 1, args.seed, args.env_backend, render=True)
-            probe_env.reset()
-            if probe_env.render() is None:
-                raise ValueError("render() returned no frame")
-            probe_env.close()
-        except Exception as e:
-            raise UsageError(f"--capture-video: cannot render '{args.env_id}' as rgb_array ({e})") from e
-
+        check_render(args)
     agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
-    # eps=1e-5 as in baselines ppo2; fused=True: one kernel for all parameters (1.3 -> 1.1 ms a minibatch here)
+    # eps=1e-5 as in baselines ppo2; fused=True: one kernel updates every parameter
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    global_step, start_iteration = 0, 1
-    episode_returns = deque(maxlen=100)  # the last 100 whole-episode returns, for the summary
-    if ckpt:
-        agent.load_state_dict(ckpt["agent"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        global_step, start_iteration = ckpt["global_step"], ckpt["iteration"] + 1
-        episode_returns.extend(ckpt["episode_returns"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
-        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        run_path = os.path.dirname(os.path.abspath(args.resume))  # the resumed run continues its own logs
-    else:
-        run_path = make_run_path(args)
-    checkpoint_path = os.path.join(run_path, "checkpoint.pt")
-    write_json(os.path.join(run_path, "args.json"), asdict(args))
-
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=asdict(args),
-            name=os.path.basename(run_path),
-            dir=run_path,
-            save_code=True,
-        )
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(run_path)
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-    )
-
-    # Ctrl-C: finish the current iteration, then checkpoint, flush and exit. A second Ctrl-C quits at once.
-    interrupted = False
-
-    def on_sigint(signum, frame):
-        nonlocal interrupted
-        interrupted = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print(
-            "\ninterrupt: finishing this iteration, then saving a checkpoint (Ctrl-C again quits now)",
-            flush=True,
-        )
-
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
-    writer.add_text("environment", f"{args.env_id}: {envs.backend}, protocol {envs.protocol}")
-    print(
-        f"run: {run_path}  env: {args.env_id} ({envs.backend}, {envs.protocol})  device: {device}", flush=True
-    )
+    # what a checkpoint holds: --resume and --eval-checkpoint restore it, --save-model writes it
+    info = {"backend": envs.backend, "protocol": envs.protocol}
+    run.start(args.num_iterations * args.batch_size, info, agent=agent, optimizer=optimizer)
 
     # --compile: acting and the loss through torch.compile, which fuses their many small operations into a
-    # few kernels (README, Speed: what it buys, measured); --cudagraphs also records them as CUDA graphs.
-    # GAE stays eager: its loop over time would be unrolled into a graph of num_steps steps, which compiled
-    # in 16 s for 128 steps and in 251 s for MuJoCo's 2,048 on the 2-core machine, to save 1 and 10 ms an
-    # iteration.
+    # few kernels; --cudagraphs also records them as CUDA graphs. GAE stays eager: its loop over time would
+    # be unrolled into a graph of num_steps steps, which takes minutes to compile for little gain (README).
     loss_fn = ppo_loss
     if args.compile or args.cudagraphs:
         mode = "reduce-overhead" if args.cudagraphs else "default"
@@ -666,9 +451,8 @@ def main(args: Args) -> dict:
         loss_fn = torch.compile(ppo_loss, mode=mode)
 
     # Storage, allocated once on the device.
-    # (T, N, 4, 84, 84) uint8 frames, as the env gives them: the network converts them to floats
-    obs_shape = (args.num_steps, args.num_envs) + envs.single_observation_space.shape
-    obs = torch.zeros(obs_shape, dtype=torch.uint8, device=device)
+    obs_shape = (args.num_steps, args.num_envs) + envs.single_observation_space.shape  # (T, N, 4, 84, 84)
+    obs = torch.zeros(obs_shape, dtype=torch.uint8, device=device)  # frames as the env gives them: uint8
     actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)  # (T, N)
     logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, N) log pi_old(a|s)
     values = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, N) V_old(s)
@@ -681,26 +465,16 @@ def main(args: Args) -> dict:
     # carries no information about the policy and must not enter the loss.
     valid = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
 
-    from tqdm import tqdm
-
-    show_bar = args.progress and sys.stdout.isatty()
-    bar = tqdm(
-        total=args.num_iterations * args.batch_size, initial=global_step, unit="step", disable=not show_bar
-    )
-    start_time, start_step = time.time(), global_step
+    global_step = run.global_step
     next_obs_np, _ = envs.reset()
     next_obs = torch.as_tensor(next_obs_np, device=device)
     next_autoreset = np.zeros(args.num_envs, dtype=bool)
     episode_return = np.zeros(args.num_envs, dtype=np.float64)
     episode_length = np.zeros(args.num_envs, dtype=np.int64)
-    episodes = 0
-    iteration = start_iteration - 1
-    status = "finished"
 
-    for iteration in range(start_iteration, args.num_iterations + 1):
+    for iteration in run.iterations():
         if args.anneal_lr:
-            frac = 1.0 - (iteration - 1.0) / args.num_iterations
-            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+            optimizer.param_groups[0]["lr"] = run.annealed(args.learning_rate)
 
         # ---- rollout ----
         finished_returns, finished_lengths = [], []
@@ -725,8 +499,7 @@ def main(args: Args) -> dict:
             # target bootstraps from it. --no-bootstrap-truncation treats it as a termination.
             terminations[step] = terminated if args.bootstrap_truncation else ended
 
-            # Episode accounting, by whole games with their raw scores. An autoreset step adds no length
-            # (its action was ignored; envpool's own step counter skips it too) and reward 0.
+            # Episode accounting by whole games with raw scores; an autoreset step adds no length, reward 0.
             raw_reward, game_over = game_score(envs, reward, terminated, truncated, info)
             episode_return += raw_reward
             episode_length += ~next_autoreset
@@ -736,12 +509,7 @@ def main(args: Args) -> dict:
             episode_return[game_over] = 0.0
             episode_length[game_over] = 0
             next_autoreset = ended
-
-        episodes += len(finished_returns)
-        episode_returns.extend(finished_returns)
-        if finished_returns:
-            writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
-            writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
+        run.log_episodes(global_step, finished_returns, finished_lengths)
 
         # ---- advantages ----
         with torch.no_grad():
@@ -754,13 +522,7 @@ def main(args: Args) -> dict:
                 torch.as_tensor(x, device=device) for x in (rewards, terminations, dones)
             )
             advantages, returns = compute_gae(
-                values=values,
-                next_values=next_values,
-                rewards=b_rewards,
-                terminations=b_terminations,
-                dones=b_dones,
-                gamma=args.gamma,
-                gae_lambda=args.gae_lambda,
+                b_rewards, values, next_values, b_terminations, b_dones, args.gamma, args.gae_lambda
             )
 
         # flatten the batch
@@ -784,16 +546,9 @@ def main(args: Args) -> dict:
                     b_obs[mb_inds], b_actions[mb_inds]
                 )
                 loss, stats = loss_fn(
-                    newlogprob=newlogprob,
-                    oldlogprob=b_logprobs[mb_inds],
-                    advantages=b_advantages[mb_inds],
-                    newvalue=newvalue,
-                    oldvalue=b_values[mb_inds],
-                    returns=b_returns[mb_inds],
-                    entropy=entropy,
-                    mask=b_valid[mb_inds],
-                    args=args,
-                )
+                    newlogprob, b_logprobs[mb_inds], b_advantages[mb_inds], newvalue, b_values[mb_inds],
+                    b_returns[mb_inds], entropy, b_valid[mb_inds], args,
+                )  # fmt: skip
                 optimizer.zero_grad()
                 loss.backward()
                 stats["grad_norm"] = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
@@ -802,111 +557,609 @@ def main(args: Args) -> dict:
                     sums[k] = sums.get(k, 0.0) + v
                 epoch_kl += stats["approx_kl"]
                 num_updates += 1
-            if (
-                args.target_kl is not None
-                and (epoch_kl / (args.batch_size // args.minibatch_size)) > args.target_kl
-            ):
+            if args.target_kl is not None and (epoch_kl / args.num_minibatches) > args.target_kl:
                 break
 
         # ---- logging ----
         means = {k: (v / num_updates).item() for k, v in sums.items()}
-        # One NaN or inf in any minibatch's losses or gradient norm makes its sum non-finite.
-        if not all(np.isfinite(v) for v in means.values()):
-            status = "non-finite loss"
-            break
+        if not all(np.isfinite(v) for v in means.values()):  # one NaN or inf in any minibatch
+            run.fail("non-finite loss")
         b_valid_bool = b_valid.bool()
         ev = explained_variance(b_values[b_valid_bool], b_returns[b_valid_bool]).item()
         valid_adv = b_advantages[b_valid_bool]
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        metrics = {"charts/learning_rate": optimizer.param_groups[0]["lr"]}
         for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
-            writer.add_scalar(f"losses/{k}", means[k], global_step)
-        writer.add_scalar("losses/explained_variance", ev, global_step)
+            metrics[f"losses/{k}"] = means[k]
+        metrics["losses/explained_variance"] = ev
         if envs.single_action_space.n > 1:  # entropy / log|A| is undefined with a single action (probes 1-3)
-            writer.add_scalar(
-                "debug/relative_entropy", means["entropy"] / np.log(envs.single_action_space.n), global_step
-            )
-        writer.add_scalar("debug/residual_variance", 1.0 - ev, global_step)
-        writer.add_scalar("debug/advantage_mean", valid_adv.mean().item(), global_step)
-        writer.add_scalar("debug/advantage_std", valid_adv.std(correction=0).item(), global_step)
-        writer.add_scalar("debug/grad_norm", means["grad_norm"], global_step)
-        sps = int((global_step - start_step) / (time.time() - start_time))
-        writer.add_scalar("charts/SPS", sps, global_step)
+            metrics["debug/relative_entropy"] = means["entropy"] / np.log(envs.single_action_space.n)
+        metrics["debug/residual_variance"] = 1.0 - ev
+        metrics["debug/advantage_mean"] = valid_adv.mean().item()
+        metrics["debug/advantage_std"] = valid_adv.std(correction=0).item()
+        metrics["debug/grad_norm"] = means["grad_norm"]
+        run.log(global_step, metrics)
 
-        recent = float(np.mean(episode_returns)) if episode_returns else float("nan")
-        bar.update(args.batch_size)
-        bar.set_postfix(sps=sps, ret=f"{recent:.1f}", refresh=False)
-        if not show_bar and args.progress and iteration % max(1, args.num_iterations // 10) == 0:
+    envs.close()
+    run.evaluate(
+        lambda episodes, video_folder: evaluate(
+            agent, args.env_id, episodes, args.seed, device, args.env_backend, video_folder
+        )
+    )
+
+
+# ============================================ RUN HARNESS ============================================
+# No reinforcement learning below this line, and the same bytes in every script (a test compares them).
+# train() above talks to it through `run`: start, iterations, annealed, log_episodes, log, fail, evaluate.
+# Here: argument checks, device, seeding and CPU pinning, checkpoints (plain data, loaded once), the run
+# directory, TensorBoard and W&B, SIGINT/SIGTERM, the progress line, summary.json and the JSON last line.
+import difflib
+import json
+import math
+import pickle
+import random
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import fields
+
+import tyro
+
+SCRIPT = os.path.basename(__file__)
+CHECKPOINT_FORMAT = "rl-scripts checkpoint v2"
+# Argument ranges, by field name (each script has some of these fields): (test, what the value must be).
+RULES = {
+    **dict.fromkeys(
+        ("num_envs", "num_steps", "num_minibatches", "update_epochs", "batch_size", "value_epochs")
+        + ("torch_threads", "save_interval", "total_timesteps"),
+        (lambda v: v >= 1, ">= 1"),
+    ),
+    **dict.fromkeys(
+        ("eval_episodes", "num_test_envs", "num_levels", "start_level"), (lambda v: v >= 0, ">= 0")
+    ),
+    **dict.fromkeys(("gamma", "gae_lambda"), (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")),
+    **dict.fromkeys(("learning_rate", "value_learning_rate"), (lambda v: v > 0, "> 0")),
+    "max_grad_norm": (lambda v: v is None or v > 0, "> 0"),
+}
+
+
+class UsageError(Exception):
+    """Bad input (a flag, an environment id, a checkpoint): one line on stderr, exit 1, nothing written."""
+
+
+class RunFailed(Exception):
+    """A run that cannot go on; `status` names what happened and becomes the summary's status."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Interrupted(BaseException):
+    """Raised by a stop signal where nothing can wait for the end of an iteration (a second signal, or the
+    first during evaluation). A BaseException, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def check_args(args):
+    """The ranges in RULES, finite numbers, existing checkpoint files; called by Args.__post_init__."""
+    for f in fields(args):
+        value, flag = getattr(args, f.name, None), "--" + f.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
+        if f.name in RULES and f.init and not RULES[f.name][0](value):
+            raise UsageError(f"{flag} must be {RULES[f.name][1]}, got {value}")
+    if args.resume is not None and args.eval_checkpoint is not None:
+        raise UsageError("--resume and --eval-checkpoint exclude each other (continue training, or evaluate)")
+    for flag, path in (("--resume", args.resume), ("--eval-checkpoint", args.eval_checkpoint)):
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"{flag}: no checkpoint file at '{path}'")
+
+
+def unknown_env_id(env_id: str, known) -> UsageError:
+    """The error for an id that no backend has, with the closest known ids."""
+    close = list(dict.fromkeys(difflib.get_close_matches(env_id.split(":")[-1], known, n=3)))
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return UsageError(f"unknown environment id '{env_id}'{hint}")
+
+
+def pin_to_current_core():
+    """Restrict this thread, and every thread it starts from now on (torch's, the environments' workers), to
+    the CPU core it is running on; return that core, or None where the OS has no CPU affinity (not Linux).
+    Already restricted to one core (`taskset -c 3 python ...`), it stays there."""
+    if not (hasattr(os, "sched_setaffinity") and os.path.exists("/proc/thread-self/stat")):
+        return None
+    with open("/proc/thread-self/stat") as f:
+        core = int(f.read().rsplit(")", 1)[1].split()[36])  # field 39 of proc(5): the CPU it last ran on
+    os.sched_setaffinity(0, {core})
+    return core
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+_loaded = {}  # the last checkpoint read, by (path, modification time): parse_args and Run read it once
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint of this script, as plain data on the CPU. `weights_only=True` unpickles tensors and
+    plain containers only, so a file holding anything else is refused instead of run."""
+    key = (os.path.abspath(path), os.stat(path).st_mtime_ns)
+    if key not in _loaded:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UsageError(
+                f"refused checkpoint '{path}': it holds objects other than tensors and plain data, "
+                "and loading those could run code"
+            ) from e
+        except Exception as e:
+            raise UsageError(f"cannot read checkpoint '{path}': {one_line(e)}") from e
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise UsageError(f"'{path}' is not a checkpoint of these scripts (or of an older version)")
+        if ckpt["script"] != SCRIPT:
+            raise UsageError(f"'{path}' was not written by this script ({SCRIPT}) but by {ckpt['script']}")
+        _loaded.clear()
+        _loaded[key] = ckpt
+    return _loaded[key]
+
+
+def write_atomically(path: str, data: bytes):
+    """Write to `path.tmp`, then rename: a crash, a signal or a full disk never leaves a truncated file,
+    and the previous file stays intact until the new one is complete."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        status = (e.strerror or "write error").lower()  # e.g. "no space left on device"
+        raise RunFailed(status, f"{status}: cannot write {path}") from e
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, obj: dict):
+    write_atomically(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def rng_state() -> dict:
+    """Every random generator's state, in types that `weights_only` loading accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])  # a CPU ByteTensor, as loaded
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Run:
+    """One run: what train() needs besides the algorithm. See the fence comment for the calls."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        # --pin-cpu first, so that every thread started later inherits the core: envpool steps the
+        # environments in worker threads, and a hand-off to another core costs more than a small env step.
+        self.cpu_core = pin_to_current_core() if args.pin_cpu and self.device.type == "cpu" else None
+        torch.set_num_threads(args.torch_threads)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+
+        if getattr(args, "cudagraphs", False) and self.device.type != "cuda":
+            raise UsageError("--cudagraphs needs a CUDA device (CUDA graphs replay GPU kernels)")
+        if args.capture_video:
+            try:
+                import moviepy  # noqa: F401  (the videos are written with it)
+            except ImportError as e:
+                raise UsageError("--capture-video needs moviepy: pip install -e '.[video]'") from e
+        if args.track:
+            self._check_wandb_login()
+        self.checkpoint = (
+            load_checkpoint(args.resume or args.eval_checkpoint)
+            if args.resume or args.eval_checkpoint
+            else None
+        )
+        progress = self.checkpoint or {}
+        self.global_step = progress.get("global_step", 0)
+        self.iteration = progress.get("iteration", 0)
+        self.episodes = dict(progress.get("episodes", {}))  # {prefix: count}; "" is training, "test_" ...
+        self.returns = {k: deque(v, maxlen=100) for k, v in progress.get("returns", {}).items()}
+        self.schedule = progress.get("schedule")  # [step, fraction, steps]: see annealed()
+        self.last_fraction = progress.get("last_fraction")
+        self.path = self.writer = self.bar = None
+        self.status, self.error, self.stop_signal = "finished", None, None
+        self.info, self.summary, self.closed = {}, None, False
+        self.start_time, self.start_step = time.time(), self.global_step
+
+    @staticmethod
+    def _check_wandb_login():
+        try:
+            import wandb
+        except ImportError as e:
+            raise UsageError("--track needs wandb: pip install wandb") from e
+        offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
+        if not offline and not wandb.login(prompt=False, verify=False):
+            raise UsageError(
+                "--track: not logged in to Weights & Biases (`wandb login`, or WANDB_MODE=offline)"
+            )
+
+    # ---- the calls from train() ----
+    def start(self, steps: int, info: dict, **state):
+        """Register what a checkpoint holds (objects with state_dict/load_state_dict: the agent, the
+        optimizer, normalisers), restore it from --resume or --eval-checkpoint, and open the run directory.
+        `steps` is the budget of environment steps; `info` ({"backend": ...}) goes into the summary."""
+        self.steps, self.info, self.state = steps, dict(info), state
+        ckpt, args = self.checkpoint, self.args
+        if ckpt is not None:
+            for name, obj in state.items():
+                # an optimizer keeps the rate it was built with: the flags', which override the checkpoint's
+                rates = [g["lr"] for g in obj.param_groups] if isinstance(obj, torch.optim.Optimizer) else []
+                try:
+                    obj.load_state_dict(ckpt[name])
+                    for group, rate in zip(getattr(obj, "param_groups", []), rates, strict=False):
+                        group["lr"] = rate
+                except (KeyError, ValueError, RuntimeError) as e:
+                    path = args.resume or args.eval_checkpoint
+                    raise UsageError(
+                        f"checkpoint '{path}' does not fit this run's {name}: {one_line(e)}"
+                    ) from e
+        if args.eval_checkpoint:
+            return
+        if ckpt is not None:
+            set_rng_state(ckpt["rng"])
+            if self.global_step >= steps:
+                self.status = "already finished"
+                return
+            stored = ckpt["args"]
+            new_rate = args.learning_rate != stored["learning_rate"]
+            if new_rate or steps != self.schedule[2]:
+                # a new budget or a new rate: from the rate reached (or the new one) to 0 over what remains
+                self.schedule = [self.global_step, 1.0 if new_rate else self.last_fraction or 1.0, steps]
+            self.path = os.path.dirname(os.path.abspath(args.resume))
+            given = {k: v for k, v in self.args_dict().items() if k not in ("resume", "eval_checkpoint")}
+            changed = {k: [stored.get(k), v] for k, v in given.items() if stored.get(k) != v}
+            record = {"global_step": self.global_step, "iteration": self.iteration, "changed": changed}
+            try:
+                with open(os.path.join(self.path, "resumes.jsonl"), "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise UsageError(f"--resume: cannot write in '{self.path}': {e.strerror}") from e
+        else:
+            self.schedule = [0, 1.0, steps]
+            self.path = self._make_run_dir()
+        self._open_logs()
+        self.writer.add_text("environment", f"{args.env_id}: " + ", ".join(map(str, self.info.values())))
+        where = ", ".join(map(str, self.info.values()))
+        print(f"run: {self.path}  env: {args.env_id} ({where})  device: {self.device}", flush=True)
+        self.start_time, self.start_step = time.time(), self.global_step
+
+    def iterations(self):
+        """Iteration numbers, 1, 2, ... (continuing after a resume), until the budget of steps is spent or
+        a stop signal arrived. Each iteration ends with run.log(); every --save-interval, a checkpoint."""
+        while self.path is not None and self.global_step < self.steps and self.stop_signal is None:
+            self.iteration += 1
+            step_before = self.global_step
+            yield self.iteration
+            if self.global_step == step_before:
+                raise RuntimeError("train() must call run.log(global_step, ...) once in every iteration")
+            if self.args.save_model and self.iteration % self.args.save_interval == 0:
+                self.save_checkpoint()
+        if self.stop_signal is not None and self.global_step < self.steps:
+            self.status = "interrupted"
+
+    def annealed(self, rate: float) -> float:
+        """`rate` annealed linearly to 0 at the end of the budget. A resumed run continues the schedule; with
+        a new budget (or a new --learning-rate) it goes from the rate reached (or the new one) to 0 over the
+        steps that remain, never jumping."""
+        start_step, fraction, steps = self.schedule
+        self.last_fraction = fraction * (1.0 - (self.global_step - start_step) / (steps - start_step))
+        return self.last_fraction * rate
+
+    def log_episodes(self, global_step: int, returns: list, lengths: list = None, prefix: str = ""):
+        """Episodes that ended in this iteration: their mean return (and length) at global_step; the summary
+        keeps the last 100 returns and the count. `prefix` keeps a second kind apart (e.g. "test_")."""
+        self.episodes[prefix] = self.episodes.get(prefix, 0) + len(returns)
+        self.returns.setdefault(prefix, deque(maxlen=100)).extend(float(r) for r in returns)
+        if len(returns):
+            self.writer.add_scalar(f"charts/{prefix}episodic_return", np.mean(returns), global_step)
+        if lengths is not None and len(lengths):
+            self.writer.add_scalar(f"charts/{prefix}episodic_length", np.mean(lengths), global_step)
+
+    def log(self, global_step: int, scalars: dict):
+        """The end of an iteration: its metrics (and the SPS) to TensorBoard at global_step, the progress."""
+        self.global_step = global_step
+        sps = int((global_step - self.start_step) / max(time.time() - self.start_time, 1e-9))
+        for tag, value in {**scalars, "charts/SPS": sps}.items():
+            self.writer.add_scalar(tag, value, global_step)
+        recent = float(np.mean(self.returns[""])) if self.returns.get("") else float("nan")
+        if self.bar is not None:
+            self.bar.update(global_step - self.bar.n)
+            self.bar.set_postfix(sps=sps, ret=f"{recent:.1f}", refresh=False)
+        elif self.args.progress and global_step >= self.next_print:  # about every tenth of the budget
+            self.next_print = global_step + self.steps / 10
             print(f"step {global_step:>10}  return(last100) {recent:8.2f}  SPS {sps}", flush=True)
 
-        if args.save_model and iteration % args.save_interval == 0:
-            save_checkpoint(checkpoint_path, agent, optimizer, args, global_step, iteration, episode_returns)
-        if interrupted:
-            status = "interrupted"
-            break
+    def fail(self, status: str):
+        """Stop the run: `status` (e.g. "non-finite loss") names why. The last checkpoint is kept as it is."""
+        kept = self.checkpoint_path if os.path.exists(self.checkpoint_path or "") else None
+        where = f" at iteration {self.iteration}" + (f"; the last good checkpoint is {kept}" if kept else "")
+        raise RunFailed(status, f"{status}{where}: stopped")
 
-    bar.close()
-    signal.signal(signal.SIGINT, previous_handler)
-    envs.close()
+    def evaluate(self, play):
+        """After training: the checkpoint and summary.json are written first, so that nothing can lose the
+        finished run; then `play(episodes, video_folder)` returns the returns of that many evaluation
+        episodes (--eval-episodes; one with --capture-video). A stop signal ends the evaluation at once."""
+        args = self.args
+        self._close_training()
+        episodes = args.eval_episodes or (10 if args.eval_checkpoint else int(args.capture_video))
+        if self.status != "finished" or episodes == 0:
+            return
+        if self.stop_signal is not None:  # arrived after the last iteration
+            self.status = "evaluation interrupted"
+            return
+        folder = os.path.dirname(os.path.abspath(args.eval_checkpoint)) if args.eval_checkpoint else self.path
+        self.status = "evaluation interrupted"  # until play() returns; a signal now stops it at once
+        returns = play(episodes, os.path.join(folder, "videos") if args.capture_video else None)
+        self.status = "finished"
+        self.summary.update(eval_episodes=len(returns), eval_return_mean=float(np.mean(returns)))
+        self.summary["eval_return_std"] = float(np.std(returns))
+        if self.writer is not None:
+            for i, r in enumerate(returns):
+                self.writer.add_scalar("eval/episodic_return", r, i)
 
-    if status == "non-finite loss":
-        writer.close()
-        kept = f"; the last good checkpoint is {checkpoint_path}" if os.path.exists(checkpoint_path) else ""
-        raise FloatingPointError(
-            f"non-finite loss at iteration {iteration} (global step {global_step}): stopped{kept}"
+    # ---- internals ----
+    def args_dict(self) -> dict:
+        return {f.name: getattr(self.args, f.name) for f in fields(self.args) if f.init}
+
+    @property
+    def checkpoint_path(self):
+        return os.path.join(self.path, "checkpoint.pt") if self.path else None
+
+    def save_checkpoint(self):
+        progress = {"global_step": self.global_step, "iteration": self.iteration, "episodes": self.episodes}
+        progress.update(returns={k: list(v) for k, v in self.returns.items()}, schedule=self.schedule)
+        state = {name: obj.state_dict() for name, obj in self.state.items()}
+        meta = {"format": CHECKPOINT_FORMAT, "script": SCRIPT, "args": self.args_dict(), "rng": rng_state()}
+        buffer = io.BytesIO()
+        torch.save({**meta, **progress, "last_fraction": self.last_fraction, **state}, buffer)
+        write_atomically(self.checkpoint_path, buffer.getvalue())
+
+    def _make_run_dir(self) -> str:
+        args = self.args
+        name = re.sub(
+            r"[^A-Za-z0-9_.\-]", "-", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
         )
-    if args.save_model or status == "interrupted":
-        save_checkpoint(checkpoint_path, agent, optimizer, args, global_step, iteration, episode_returns)
+        path, n = os.path.join(args.run_dir, name), 1
+        while os.path.exists(path):  # two runs started in the same second
+            path, n = os.path.join(args.run_dir, f"{name}-{n}"), n + 1
+        try:
+            os.makedirs(path)
+        except OSError as e:
+            raise UsageError(f"--run-dir: cannot create '{path}': {e.strerror}") from e
+        try:
+            write_json(os.path.join(path, "args.json"), self.args_dict())
+        except RunFailed as e:
+            shutil.rmtree(path, ignore_errors=True)
+            raise UsageError(f"--run-dir: {e}") from e
+        return path
 
-    summary = {
-        "env_id": args.env_id,
-        "seed": args.seed,
-        "global_step": global_step,
-        "episodes": episodes,
-        "episodic_return_mean_last100": float(np.mean(episode_returns)) if episode_returns else None,
-        "sps": int((global_step - start_step) / (time.time() - start_time)),
-        "wall_seconds": round(time.time() - start_time, 2),
-        "status": status,
-        "backend": envs.backend,
-        "cpu_core": cpu_core,
-        "protocol": envs.protocol,
-        "run_dir": run_path,
-    }
-    if status == "finished" and (args.eval_episodes > 0 or args.capture_video):
-        video_folder = os.path.join(run_path, "videos") if args.capture_video else None
-        eval_returns = evaluate(
-            agent, args.env_id, max(1, args.eval_episodes), args.seed, device, args.env_backend, video_folder
+    def _open_logs(self):
+        args = self.args
+        if args.track:
+            import wandb
+
+            try:
+                wandb.init(
+                    project=args.wandb_project_name,
+                    entity=args.wandb_entity,
+                    sync_tensorboard=True,
+                    config=self.args_dict(),
+                    name=os.path.basename(self.path),
+                    dir=self.path,
+                    save_code=True,
+                )
+            except Exception as e:
+                if not args.resume:
+                    shutil.rmtree(self.path, ignore_errors=True)
+                raise UsageError(f"--track: W&B did not start: {one_line(e)}") from e
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(self.path)
+        table = "\n".join(f"|{k}|{v}|" for k, v in self.args_dict().items())
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        show_bar = args.progress and sys.stdout.isatty()
+        if show_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.steps, initial=self.global_step, unit="step")
+        self.next_print = self.global_step + self.steps / 10
+
+    def _close_training(self):
+        """Once: the progress bar, the checkpoint (--save-model, a stop signal, or a resumed run, whose
+        checkpoint must end where it ends) and summary.json."""
+        if self.summary is not None:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        args = self.args
+        if args.eval_checkpoint:
+            self.summary = {"env_id": args.env_id, "checkpoint": args.eval_checkpoint, "status": self.status}
+            self.summary["global_step"] = self.global_step
+            return
+        self.summary = {
+            "env_id": args.env_id,
+            "seed": args.seed,
+            "global_step": self.global_step,
+            "episodes": self.episodes.get("", 0),
+            "episodic_return_mean_last100": float(np.mean(self.returns[""]))
+            if self.returns.get("")
+            else None,
+            "sps": int((self.global_step - self.start_step) / max(time.time() - self.start_time, 1e-9)),
+            "wall_seconds": round(time.time() - self.start_time, 2),
+            "status": self.status,
+            **self.info,
+            "cpu_core": self.cpu_core,
+        }
+        for prefix in sorted(k for k in self.returns if k):
+            self.summary[f"{prefix}episodes"] = self.episodes[prefix]
+            returns = self.returns[prefix]
+            self.summary[f"{prefix}episodic_return_mean_last100"] = (
+                float(np.mean(returns)) if returns else None
+            )
+        resumed_path = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
+        self.summary["run_dir"] = self.path or resumed_path
+        if self.status == "already finished":  # the run's own record, untouched
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(self.summary["run_dir"], "summary.json")) as f:
+                    self.summary = {**json.load(f), "status": self.status}
+        if self.path is None or self.status == "already finished":
+            return
+        healthy = self.status in ("finished", "interrupted")
+        if healthy and (args.save_model or args.resume or self.stop_signal is not None):
+            self.save_checkpoint()
+        write_json(os.path.join(self.path, "summary.json"), self.summary)
+
+    def close(self):
+        """The end, whatever happened: summary.json (again, with the evaluation), the logs, the JSON line."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._close_training()
+            self.summary["status"] = self.status
+            if self.error:
+                self.summary["error"] = self.error
+            if self.stop_signal is not None:
+                self.summary["signal"] = signal.Signals(self.stop_signal).name
+            if self.path is not None and self.status != "already finished":
+                write_json(os.path.join(self.path, "summary.json"), self.summary)
+        except RunFailed as e:  # e.g. the disk is full: the status says so, the JSON line still comes
+            if self.error is None:  # (not when that same failure stopped the run: it was reported)
+                self.status, self.error = e.status, str(e)
+                self.summary.update(status=e.status, error=str(e))
+                print(f"error: {e}", file=sys.stderr, flush=True)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+            if self.args.track and self.path is not None:
+                import wandb
+
+                wandb.finish()
+            print(json.dumps(self.summary), flush=True)
+
+
+def main(args) -> dict:
+    """train(args, run) inside the harness. Returns the summary, also printed as the last stdout line; its
+    "status" says how the run ended (cli() maps it to the exit code). Bad input raises UsageError first."""
+    run = Run(args)
+
+    def on_signal(signum, frame):
+        if run.stop_signal is not None or run.status == "evaluation interrupted":
+            raise Interrupted(signum)
+        run.stop_signal = signum
+        name = signal.Signals(signum).name
+        print(
+            f"\n{name}: finishing this iteration, then saving a checkpoint ({name} again quits now)",
+            flush=True,
         )
-        for i, r in enumerate(eval_returns):
-            writer.add_scalar("eval/episodic_return", r, i)
-        summary["eval_return_mean"] = float(np.mean(eval_returns))
-    write_json(os.path.join(run_path, "summary.json"), summary)
-    writer.close()
-    if args.track:
-        wandb.finish()
-    print(json.dumps(summary), flush=True)
-    return summary
 
-
-def parse_args(argv=None) -> Args:
-    """tyro parsing; with --resume, the checkpoint's arguments become the defaults (given flags override)."""
-    argv = sys.argv[1:] if argv is None else argv
-    resume = next((a.split("=", 1)[1] for a in argv if a.startswith("--resume=")), None)
-    if resume is None and "--resume" in argv and argv.index("--resume") + 1 < len(argv):
-        resume = argv[argv.index("--resume") + 1]
-    if resume is None or not os.path.isfile(resume):
-        return tyro.cli(Args, args=argv)
-    stored = load_checkpoint(resume, "cpu")["args"]
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        default = Args(**{**stored, "resume": resume})
-    except TypeError as e:  # e.g. a checkpoint of another script, with other arguments
-        raise UsageError(f"'{resume}' was not written by this script ({e})") from e
+        train(args, run)
+    except RunFailed as e:
+        run.status, run.error = e.status, str(e)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    except Interrupted as e:  # a second signal, or one during evaluation
+        run.stop_signal = run.stop_signal or e.signum
+        if run.status != "evaluation interrupted":
+            run.status = "aborted"  # no checkpoint: the user asked to quit now
+        print(f"\n{e.args[0]}: stopped", file=sys.stderr, flush=True)
+    except UsageError:
+        if run.path is not None and not run.args.resume:
+            shutil.rmtree(run.path, ignore_errors=True)  # a run that never started leaves nothing behind
+        raise
+    except Exception:  # a bug: its traceback follows, after the summary of what the run had done
+        run.status = "crashed"
+        run.close()
+        raise
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    if run.status == "already finished":
+        where = os.path.dirname(os.path.abspath(args.resume))
+        print(
+            f"already finished: {where} is at step {run.global_step} of {run.steps}; nothing to do "
+            "(a larger --total-timesteps continues it)",
+            file=sys.stderr,
+        )
+    run.close()
+    return run.summary
+
+
+def parse_args(argv=None) -> "Args":
+    """tyro parsing; with --resume or --eval-checkpoint, the checkpoint's arguments are the defaults and the
+    flags given override them."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for flag in ("--resume", "--eval-checkpoint"):
+        path = next((a.split("=", 1)[1] for a in argv if a.startswith(flag + "=")), None)
+        if path is None and flag in argv and argv.index(flag) + 1 < len(argv):
+            path = argv[argv.index(flag) + 1]
+        if path is not None and os.path.isfile(path):
+            break
+    else:
+        return tyro.cli(Args, args=argv)
+    stored = load_checkpoint(path)["args"]
+    given = {"resume": None, "eval_checkpoint": None, flag[2:].replace("-", "_"): path}
+    try:
+        default = Args(**{**stored, **given})
+    except TypeError as e:
+        raise UsageError(f"'{path}' holds arguments this script does not have ({e})") from e
     args = tyro.cli(Args, args=argv, default=default)
     return Args(**{f.name: getattr(args, f.name) for f in fields(Args) if f.init})  # recompute derived sizes
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """The exit code: 0 for a finished run, 128 + the signal's number after a stop signal (130 for SIGINT,
+    143 for SIGTERM, as a shell reports them), 1 for any failure."""
     try:
         summary = main(parse_args())
-    except (UsageError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
-    sys.exit(130 if summary["status"] == "interrupted" else 0)  # 130: the shell's code for Ctrl-C
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(json.dumps({"status": "usage error", "error": str(e)}), flush=True)
+        return 1
+    if "signal" in summary:
+        return 128 + signal.Signals[summary["signal"]].value
+    return 0 if summary["status"] in ("finished", "already finished") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

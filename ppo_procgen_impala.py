@@ -8,7 +8,7 @@ Adds over ppo_atari.py (`diff ppo_atari.py ppo_procgen_impala.py` shows exactly 
   the ENVIRONMENT section only;
 - the IMPALA CNN (Espeholt et al. 2018): three stacks of conv + max-pool + two residual blocks (16, 32, 32
   channels), then 256 hidden units; `--network nature` puts the Nature CNN of ppo_atari.py on the same input,
-  for the comparison the seed material made (IMPALA clearly better, most of all on bigfish);
+  for comparison (IMPALA is clearly better, most of all on bigfish);
 - the Procgen paper's PPO settings (64 envs x 256 steps, 8 minibatches, 3 epochs, lr 5e-4 constant, gamma
   0.999), with rewards divided by the running std of the discounted return (ppo_continuous.py's RewardScaler);
 - generalisation: `--num-test-envs` more environments on levels never trained on, played by the same policy
@@ -19,161 +19,84 @@ https://arxiv.org/abs/1912.01588; IMPALA CNN: Espeholt et al. 2018, https://arxi
 
 Run:    python ppo_procgen_impala.py --env-id bigfish --seed 1
 Expect: after 25M steps (easy, every level) about 16-20 on bigfish, 31-34 on starpilot, 9 on bossfight
-        (CleanRL 16.5 / 31.0 / 8.9; baselines rerun 20.1 / 34.0 / 9.4). That is a GPU budget; what this
-        2-core CPU machine reaches is in the README, with the command.
+        (CleanRL 16.5 / 31.0 / 8.9; baselines rerun 20.1 / 34.0 / 9.4). That is a GPU budget; what a CPU
+        run reaches in a smaller budget is in the README, with the command.
+
+Read top to bottom: Args, ENVIRONMENT, NETWORK, ALGORITHM, then train(): the whole algorithm. Below the
+RUN HARNESS fence: checkpoints, signals, logging set-up and the command line, the same in every script.
 """
 
 import contextlib
-import difflib
 import io
-import json
 import os
-import random
-import re
-import signal
-import sys
-import time
 import warnings
-from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
+from difflib import get_close_matches
 from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import tyro
 
 
-# ---------------------------------------------------------------------------------------------------------
-# ARGUMENTS
-# ---------------------------------------------------------------------------------------------------------
-class UsageError(Exception):
-    """A bad command line or environment id: reported as one line, before anything is written."""
-
-
+# ----------------------------------------------- ARGUMENTS -----------------------------------------------
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment, part of the run name"""
-    seed: int = 1
-    """seed of the experiment (torch, numpy, python and the environments)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, use CUDA when it is available"""
-    torch_threads: int = 2
-    """CPU threads for torch; 2 is fastest for the CNNs on the 2-core machine (README, speed section)"""
-    pin_cpu: bool = False
-    """on CPU, run the whole process (envpool's workers too) on the core it starts on; off: the CNN wants
-    every core (README, Speed)"""
-    track: bool = False
-    """if toggled, also log to Weights & Biases (imported only then)"""
-    wandb_project_name: str = "rl-scripts"
-    """the W&B project name"""
-    wandb_entity: Optional[str] = None
-    """the W&B entity (team or user); None uses your default"""
-    capture_video: bool = False
-    """if toggled, record the evaluation episodes (at least one) to `<run>/videos` (needs moviepy)"""
-    save_model: bool = False
-    """if toggled, write `<run>/checkpoint.pt` every `--save-interval` iterations and at the end"""
-    save_interval: int = 25
-    """iterations between checkpoints with `--save-model`"""
-    resume: Optional[str] = None
-    """path of a checkpoint to continue from; its run's arguments are the defaults, flags given override them"""
-    run_dir: str = "runs"
-    """directory that holds one sub-directory per run"""
-    progress: bool = True
-    """show a progress bar when stdout is a terminal"""
+    env_id: str = "bigfish"  # a Procgen game (`bigfish`, `procgen-bigfish-v0`) or an id with 64x64 RGB frames
+    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"  # other ids: auto = envpool if it has it
+    distribution_mode: Literal["easy", "hard"] = "easy"  # difficulty (the paper: easy 25M steps, hard 200M)
+    num_levels: int = 0  # training levels from --start-level; 0: all levels (200: the paper's generalisation)
+    start_level: int = 0  # the first training level
+    num_test_envs: int = 16  # environments on unseen levels, played alongside training; 0: none
+    network: Literal["impala", "nature"] = "impala"  # the CNN: IMPALA's, or the Nature CNN for comparison
+    total_timesteps: int = 25_000_000  # total environment steps, summed over environments
+    learning_rate: float = 5e-4  # the learning rate of the Adam optimizer (typical 1e-4 to 1e-3)
+    num_envs: int = 64  # the number of parallel environments
+    num_steps: int = 256  # the number of steps per environment in each rollout
+    anneal_lr: bool = False  # linearly anneal the learning rate to 0 (the Procgen paper keeps it constant)
+    gamma: float = 0.999  # the discount factor (0.9 to 0.999)
+    gae_lambda: float = 0.95  # the GAE lambda (0.9 to 1; 1 gives Monte Carlo advantages)
+    num_minibatches: int = 8  # the number of minibatches each batch is split into
+    update_epochs: int = 3  # the number of passes over each batch
+    norm_adv: bool = True  # normalise advantages within each minibatch to mean 0, std 1
+    clip_coef: float = 0.2  # the surrogate clipping coefficient epsilon (0.1 to 0.3)
+    clip_vloss: bool = True  # clip the value loss around the old values, as in the PPO paper's code
+    ent_coef: float = 0.01  # the coefficient of the entropy bonus (0 to 0.01)
+    vf_coef: float = 0.5  # the coefficient of the value loss
+    max_grad_norm: float = 0.5  # the maximum norm of the gradient; larger gradients are scaled down to it
+    target_kl: Optional[float] = None  # stop an update's epochs above this mean approx KL (0.01 to 0.05)
+    bootstrap_truncation: bool = True  # bootstrap time-limit ends from V(final obs); off: as terminations
+    norm_reward: bool = True  # divide rewards by the running std of discounted returns (clipped to [-10, 10])
 
-    # Algorithm specific arguments
-    env_id: str = "bigfish"
-    """a Procgen game (`bigfish`, or `procgen-bigfish-v0`) or a gymnasium id with (64, 64, 3) images"""
-    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"
-    """for ids that are not Procgen games: `auto` uses envpool when it has the id, gymnasium otherwise"""
-    distribution_mode: Literal["easy", "hard"] = "easy"
-    """Procgen's level difficulty (the paper's `easy`: 25M steps; `hard`: 200M)"""
-    num_levels: int = 0
-    """training levels, from --start-level on; 0: every level (the paper's sample efficiency setting; 200
-    with easy is its generalisation setting)"""
-    start_level: int = 0
-    """the first training level"""
-    num_test_envs: int = 16
-    """environments on unseen levels, played alongside training (charts/test_episodic_return); 0: none"""
-    network: Literal["impala", "nature"] = "impala"
-    """the CNN: `impala` (residual, 16-32-32 channels, 256 units) or `nature` (the Nature CNN, for comparison)"""
-    total_timesteps: int = 25_000_000
-    """total environment steps, summed over environments"""
-    learning_rate: float = 5e-4
-    """the learning rate of the Adam optimizer (typical 1e-4 to 1e-3)"""
-    num_envs: int = 64
-    """the number of parallel environments"""
-    num_steps: int = 256
-    """the number of steps per environment in each rollout"""
-    anneal_lr: bool = False
-    """linearly anneal the learning rate to 0 over the run (the Procgen paper keeps it constant)"""
-    gamma: float = 0.999
-    """the discount factor (0.9 to 0.999)"""
-    gae_lambda: float = 0.95
-    """the lambda of generalised advantage estimation (0.9 to 1; 1 gives Monte Carlo advantages)"""
-    num_minibatches: int = 8
-    """the number of minibatches each batch is split into"""
-    update_epochs: int = 3
-    """the number of passes over each batch"""
-    norm_adv: bool = True
-    """normalise advantages within each minibatch to mean 0, std 1"""
-    clip_coef: float = 0.2
-    """the surrogate clipping coefficient epsilon (0.1 to 0.3)"""
-    clip_vloss: bool = True
-    """clip the value loss around the old values, as in the PPO paper's code"""
-    ent_coef: float = 0.01
-    """the coefficient of the entropy bonus (0 to 0.01)"""
-    vf_coef: float = 0.5
-    """the coefficient of the value loss"""
-    max_grad_norm: float = 0.5
-    """the maximum norm of the gradient; larger gradients are scaled down to it"""
-    target_kl: Optional[float] = None
-    """stop the epochs of an update early once an epoch's mean approximate KL exceeds it (0.01 to 0.05); None: off"""
-    norm_reward: bool = True
-    """divide rewards by the running std of the discounted return (gamma as above), clipped to [-10, 10]"""
-    bootstrap_truncation: bool = True
-    """bootstrap a time-limit truncation from V(final observation); off treats it as a termination (classic)"""
-    eval_episodes: int = 0
-    """episodes of greedy play (argmax action) on unseen levels after training, logged as eval/episodic_return"""
-    compile: bool = False
-    """if toggled, torch.compile acting and the loss (README, Speed: measured; the first iteration compiles)"""
-    cudagraphs: bool = False
-    """if toggled (CUDA only), also record them as CUDA graphs (torch.compile's mode `reduce-overhead`)"""
+    # Running, saving and logging
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run name
+    seed: int = 1  # seed of the experiment (torch, numpy, python and the environments)
+    torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
+    cuda: bool = True  # if toggled, use CUDA when it is available
+    torch_threads: int = 2  # CPU threads for torch; the CNN's convolutions use more than one (README, Speed)
+    pin_cpu: bool = False  # on CPU, keep the process on one core; off: the CNN uses all cores (README, Speed)
+    compile: bool = False  # torch.compile acting and the loss (README, Speed; the first iteration compiles)
+    cudagraphs: bool = False  # CUDA only: also record them as CUDA graphs (torch.compile's reduce-overhead)
+    eval_episodes: int = 0  # episodes of greedy play on unseen levels after training, as eval/episodic_return
+    capture_video: bool = False  # record the evaluation episodes (at least one) to <run>/videos
+    save_model: bool = False  # write <run>/checkpoint.pt every --save-interval iterations and at the end
+    save_interval: int = 25  # iterations between checkpoints with `--save-model`
+    resume: Optional[str] = None  # a checkpoint to continue from; its args are the defaults, flags override
+    eval_checkpoint: Optional[str] = None  # evaluate this checkpoint and exit (--eval-episodes, 0 means 10)
+    run_dir: str = "runs"  # directory that holds one sub-directory per run
+    progress: bool = True  # show a progress bar when stdout is a terminal
+    track: bool = False  # if toggled, also log to Weights & Biases (imported only then)
+    wandb_project_name: str = "rl-scripts"  # the W&B project name
+    wandb_entity: Optional[str] = None  # the W&B entity (team or user); None uses your default
 
     # to be filled in __post_init__
-    batch_size: int = field(init=False)
-    """the batch size (num_envs * num_steps)"""
-    minibatch_size: int = field(init=False)
-    """the minibatch size (batch_size // num_minibatches)"""
-    num_iterations: int = field(init=False)
-    """the number of iterations (total_timesteps // batch_size)"""
+    batch_size: int = field(init=False)  # the batch size (num_envs * num_steps)
+    minibatch_size: int = field(init=False)  # the minibatch size (batch_size // num_minibatches)
+    num_iterations: int = field(init=False)  # the number of iterations (total_timesteps // batch_size)
 
     def __post_init__(self):
-        for name in (
-            "num_envs",
-            "num_steps",
-            "num_minibatches",
-            "update_epochs",
-            "torch_threads",
-            "save_interval",
-        ):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("gamma", "gae_lambda"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise UsageError(f"--learning-rate must be > 0, got {self.learning_rate}")
-        if self.eval_episodes < 0:
-            raise UsageError(f"--eval-episodes must be >= 0, got {self.eval_episodes}")
-        for name in ("num_levels", "start_level", "num_test_envs"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        check_args(self)  # the ranges of all flags and the checkpoint files (in the harness below)
         self.batch_size = self.num_envs * self.num_steps
         if self.batch_size % self.num_minibatches:
             raise UsageError(
@@ -186,16 +109,12 @@ class Args:
             raise UsageError(
                 f"--total-timesteps {self.total_timesteps} is less than one batch ({self.batch_size} steps)"
             )
-        if self.resume is not None and not os.path.isfile(self.resume):
-            raise UsageError(f"--resume: no checkpoint file at '{self.resume}'")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# ENVIRONMENT
-# ---------------------------------------------------------------------------------------------------------
+# ---------------------------------------------- ENVIRONMENT ----------------------------------------------
 PROCGEN_GAMES = (
-    "bigfish bossfight caveflyer chaser climber coinrun dodgeball fruitbot heist jumper leaper maze miner ninja "
-    "plunder starpilot"
+    "bigfish bossfight caveflyer chaser climber coinrun dodgeball fruitbot heist jumper leaper maze miner "
+    "ninja plunder starpilot"
 ).split()
 
 
@@ -205,10 +124,19 @@ def procgen_game(env_id: str):
     if name in PROCGEN_GAMES:
         return name
     if env_id.startswith(("procgen-", "procgen:")):  # unmistakably meant as Procgen: name the games
-        close = difflib.get_close_matches(name, PROCGEN_GAMES, n=3)
+        close = get_close_matches(name, PROCGEN_GAMES, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; the games: {' '.join(PROCGEN_GAMES)}"
         raise UsageError(f"unknown Procgen game '{name}' in '{env_id}'{hint}")
     return None
+
+
+def levels(args, test=False):
+    """make_env's Procgen arguments: the training levels, or (test) the unseen levels of the test: every
+    level from the first one after the training levels on (with --num-levels 0 the training levels are all
+    levels, and the test plays levels drawn the same way)."""
+    start_level = args.start_level + args.num_levels if test else args.start_level
+    num_levels = 0 if test else args.num_levels
+    return dict(num_levels=num_levels, start_level=start_level, distribution_mode=args.distribution_mode)
 
 
 class ProcgenVectorEnv:
@@ -223,7 +151,9 @@ class ProcgenVectorEnv:
 
     autoreset_next_step = False
 
-    def __init__(self, game, num_envs, seed, num_levels, start_level, distribution_mode, render=False):
+    def __init__(
+        self, game, num_envs, seed, num_levels=0, start_level=0, distribution_mode="easy", render=False
+    ):
         with contextlib.redirect_stderr(io.StringIO()):
             from procgen import ProcgenEnv  # gym3 imports old gym, which prints a notice
 
@@ -240,8 +170,8 @@ class ProcgenVectorEnv:
         self.single_observation_space = gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
         self.single_action_space = gym.spaces.Discrete(self.env.action_space.n)
         self.backend = "procgen"
-        levels = f"levels {start_level}-{start_level + num_levels - 1}" if num_levels else "every level"
-        self.protocol = f"{game}, {distribution_mode}, {levels}"
+        level_range = f"levels {start_level}-{start_level + num_levels - 1}" if num_levels else "every level"
+        self.protocol = f"{game}, {distribution_mode}, {level_range}"
         self.render_fps = 15
 
     def reset(self):
@@ -258,26 +188,18 @@ class ProcgenVectorEnv:
         self.env.close()
 
 
-def make_env(
-    env_id: str,
-    num_envs: int,
-    seed: int,
-    backend: str = "auto",
-    render: bool = False,
-    num_levels: int = 0,
-    start_level: int = 0,
-    distribution_mode: str = "easy",
-):
+def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto", render: bool = False, **levels):
     """Vectorised environments, seeded, with the next-step autoreset of envpool and gymnasium >= 1.0.
 
     When an episode ends at step t, the observation returned by step t is the FINAL observation of that
     episode; step t+1 ignores its action, resets, and returns reward 0 with the first observation of the
     next episode. The training loop relies on exactly this, on both backends. Procgen games reset within
     step t instead (ProcgenVectorEnv): `envs.autoreset_next_step` tells the loop which kind it has.
+    `levels` (num_levels, start_level, distribution_mode) choose a Procgen game's levels; others ignore them.
     """
     game = procgen_game(env_id)
     if game is not None:
-        return ProcgenVectorEnv(game, num_envs, seed, num_levels, start_level, distribution_mode, render)
+        return ProcgenVectorEnv(game, num_envs, seed, render=render, **levels)
 
     with contextlib.redirect_stderr(io.StringIO()):
         import envpool  # here, so that importing this script does no work; it prints old gym's notice
@@ -305,10 +227,9 @@ def make_env(
             **({"render_mode": "rgb_array"} if render else {}),
         )
     except gym.error.Error as e:
-        known = list(gym.registry) + list(envpool.list_all_envs()) + PROCGEN_GAMES
-        close = difflib.get_close_matches(env_id.split(":")[-1], known, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UsageError(f"unknown environment id '{env_id}'{hint}") from e
+        raise unknown_env_id(
+            env_id, list(gym.registry) + list(envpool.list_all_envs()) + PROCGEN_GAMES
+        ) from e
     except ImportError as e:
         raise UsageError(f"environment id '{env_id}': cannot import its module ({e})") from e
     envs.reset(seed=seed)  # seeds every sub-environment; later resets continue from these seeds
@@ -319,13 +240,10 @@ def make_env(
 
 
 def check_spaces(envs):
-    """ppo_procgen_impala.py handles 64x64 RGB uint8 images and discrete actions; say which script fits otherwise."""
+    """ppo_procgen_impala.py handles 64x64 RGB uint8 images and discrete actions; say which fits otherwise."""
     obs_space, act_space = envs.single_observation_space, envs.single_action_space
-    if (
-        not isinstance(obs_space, gym.spaces.Box)
-        or obs_space.shape != (64, 64, 3)
-        or obs_space.dtype != np.uint8
-    ):
+    frames = isinstance(obs_space, gym.spaces.Box) and obs_space.shape == (64, 64, 3)  # (height, width, RGB)
+    if not frames or obs_space.dtype != np.uint8:
         raise UsageError(
             f"ppo_procgen_impala.py needs (64, 64, 3) uint8 images, this env has {obs_space}; use ppo.py for "
             "vector observations or ppo_atari.py for (4, 84, 84) frames"
@@ -334,10 +252,83 @@ def check_spaces(envs):
         raise UsageError(f"ppo_procgen_impala.py needs discrete actions, this env has {act_space}")
 
 
+def check_render(args, **levels):
+    """--capture-video: render one frame now, so that a missing renderer is reported before training."""
+    try:
+        env = make_env(args.env_id, 1, args.seed, args.env_backend, render=True, **levels)
+        env.reset()
+        if env.render() is None:
+            raise ValueError("render() returned no frame")
+        env.close()
+    except Exception as e:
+        raise UsageError(f"--capture-video: cannot render '{args.env_id}' as rgb_array ({e})") from e
+
+
+def evaluate(agent, env_id, episodes, seed, device, backend, video_folder=None, **levels):
+    """Play `episodes` whole episodes with the greedy policy on a fresh environment (on `levels`: Procgen's
+    num_levels, start_level, distribution_mode); their returns. With `video_folder`, each episode is
+    written there as an mp4."""
+    envs = make_env(env_id, 1, seed, backend, render=video_folder is not None, **levels)
+    obs, _ = envs.reset()
+    frames = [np.asarray(envs.render()[0])] if video_folder else []
+    returns = []
+    for episode in range(episodes):
+        done, total = False, 0.0
+        while not done:
+            with torch.inference_mode():
+                action = agent.greedy_action(torch.as_tensor(obs, device=device))
+            obs, reward, terminated, truncated, _ = envs.step(action.cpu().numpy())
+            if video_folder:
+                frames.append(np.asarray(envs.render()[0]))
+            total += float(reward[0])
+            done = terminated[0] or truncated[0]
+        returns.append(total)
+        if video_folder:
+            from moviepy import ImageSequenceClip
+
+            os.makedirs(video_folder, exist_ok=True)
+            path = os.path.join(video_folder, f"eval-episode-{episode}.mp4")
+            ImageSequenceClip(frames, fps=envs.render_fps).write_videofile(path, logger=None)
+            frames = []
+    envs.close()
+    return returns
+
+
+class TestEnvs:
+    """The test of generalisation: --num-test-envs environments on levels never trained on (`levels`), played
+    alongside training by the same policy, sampling as in training; nothing of it is stored or learned from.
+    With --num-test-envs 0 there are none, and step() finishes no episodes."""
+
+    def __init__(self, args, global_step, device):
+        self.levels, self.device, self.envs = levels(args, test=True), device, None
+        if args.num_test_envs > 0:
+            seed = args.seed + 1_000_000 + global_step  # apart from the training envs' seeds
+            self.envs = make_env(args.env_id, args.num_test_envs, seed, args.env_backend, **self.levels)
+            self.obs = torch.as_tensor(self.envs.reset()[0], device=device)
+            self.episode_return = np.zeros(args.num_test_envs, dtype=np.float64)
+
+    def step(self, agent):
+        """One step of every test env; the returns of the episodes that ended."""
+        if self.envs is None:
+            return []
+        with torch.inference_mode():
+            action, _, _ = agent.get_action(self.obs)
+        obs, reward, terminated, truncated, _ = self.envs.step(action.cpu().numpy())
+        self.obs = torch.as_tensor(obs, device=self.device)
+        self.episode_return += reward
+        ended = terminated | truncated
+        finished = self.episode_return[ended].tolist()
+        self.episode_return[ended] = 0.0
+        return finished
+
+    def close(self):
+        if self.envs is not None:
+            self.envs.close()
+
+
 class RunningMeanStd(nn.Module):
     """Running mean and (population) variance of a stream of batches, merged with the parallel formula of
-    Chan et al. (1979); the first batch gives exactly its own mean and variance. Buffers, so that they are
-    saved and moved with the module that owns them."""
+    Chan et al. (1979); buffers, so that they are saved and moved with the module that owns them."""
 
     def __init__(self, shape=()):
         super().__init__()
@@ -347,7 +338,6 @@ class RunningMeanStd(nn.Module):
 
     @torch.no_grad()
     def update(self, x):
-        """Merge a batch x of shape (batch, *shape)."""
         batch_mean, batch_var, batch_count = x.mean(0), x.var(0, correction=0), x.shape[0]
         delta = batch_mean - self.mean
         total = self.count + batch_count
@@ -358,10 +348,9 @@ class RunningMeanStd(nn.Module):
 
 
 class RewardScaler:
-    """Rewards divided by the running std of the discounted return, clipped to [-clip, clip] (detail 4 of
-    the MuJoCo details; gymnasium's NormalizeReward). Only scaled, not shifted: shifting rewards would
-    change the task (e.g. turn a survival bonus into a penalty). Works on a whole rollout: the discounted
-    return of each env carries over from one rollout to the next, the statistics are updated once per rollout."""
+    """Rewards divided by the running std of the discounted return, clipped to [-clip, clip] (MuJoCo detail
+    4, gymnasium's NormalizeReward). Not shifted: a shift would change the task (turn a survival bonus into a
+    penalty). Updated once per rollout; each env's discounted return carries over to the next rollout."""
 
     def __init__(self, num_envs, gamma, clip=10.0):
         self.rms = RunningMeanStd()
@@ -376,21 +365,18 @@ class RewardScaler:
             returns[t] = self.discounted
             self.discounted = self.discounted * (1.0 - dones[t])  # a new episode starts from 0
         self.rms.update(torch.as_tensor(returns[valid.astype(bool)]))  # no autoreset steps
-        return np.clip(rewards / np.sqrt(self.rms.var.item() + 1e-8), -self.clip, self.clip).astype(
-            np.float32
-        )
+        scaled = rewards / np.sqrt(self.rms.var.item() + 1e-8)
+        return np.clip(scaled, -self.clip, self.clip).astype(np.float32)
 
     def state_dict(self):
-        return {"rms": self.rms.state_dict(), "discounted": self.discounted.copy()}
+        return {"rms": self.rms.state_dict(), "discounted": torch.from_numpy(self.discounted.copy())}
 
     def load_state_dict(self, state):
         self.rms.load_state_dict(state["rms"])
-        self.discounted = state["discounted"].copy()
+        self.discounted = state["discounted"].numpy().astype(np.float64)  # a copy, as the scaler keeps it
 
 
-# ---------------------------------------------------------------------------------------------------------
-# NETWORK
-# ---------------------------------------------------------------------------------------------------------
+# ------------------------------------------------ NETWORK ------------------------------------------------
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     """Orthogonal weights with gain `std` and constant bias, as in baselines' PPO (detail 2 of the 37)."""
     torch.nn.init.orthogonal_(layer.weight, std)
@@ -461,8 +447,8 @@ class Agent(nn.Module):
             hidden_size = 512
         self.actor = layer_init(nn.Linear(hidden_size, action_space.n), std=0.01)
         self.critic = layer_init(nn.Linear(hidden_size, 1), std=1.0)
-        # Channels-last (NHWC) memory: the CPU convolution kernels are much faster with it (README, speed
-        # section); on a GPU it is neutral or better.
+        # Channels-last (NHWC) memory: the CPU convolution kernels are much faster with it (README, Speed);
+        # on a GPU it is neutral or better.
         self.to(memory_format=torch.channels_last)
 
     def hidden(self, x):
@@ -477,7 +463,7 @@ class Agent(nn.Module):
     # The categorical distribution is written out (log-softmax, sampling, log-prob, entropy) instead of
     # building a torch.distributions.Categorical: the formulas are worth seeing, and ppo.py does the same.
     def get_action(self, x):
-        """Sample actions for acting, with the value of the same frames (one trunk pass for both)."""
+        """Acting: (action, log-prob, value), all three from one pass through the trunk."""
         hidden = self.hidden(x)
         logits = self.actor(hidden)
         action = torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
@@ -497,9 +483,7 @@ class Agent(nn.Module):
         return self.actor(self.hidden(x)).argmax(-1)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# ALGORITHM (pure functions: tensors in, tensors out; the tests import them)
-# ---------------------------------------------------------------------------------------------------------
+# -------------- ALGORITHM (pure functions: tensors in, tensors out; the tests import them) ---------------
 def compute_gae(rewards, values, next_values, terminations, dones, gamma, gae_lambda):
     """Generalised advantage estimation (Schulman et al. 2016), all arguments (num_steps, num_envs).
 
@@ -583,213 +567,28 @@ def ppo_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, en
     return loss, stats
 
 
-# ---------------------------------------------------------------------------------------------------------
-# RUN BOOK-KEEPING (CPU core, run directory, checkpoint, summary)
-# ---------------------------------------------------------------------------------------------------------
-def pin_to_current_core():
-    """Restrict this thread, and every thread it starts from now on (torch's, the environments' workers), to
-    the CPU core it is running on; return that core, or None where the OS has no CPU affinity (not Linux).
-    Already restricted to one core (`taskset -c 3 python ...`), it stays there."""
-    if not (hasattr(os, "sched_setaffinity") and os.path.exists("/proc/thread-self/stat")):
-        return None
-    with open("/proc/thread-self/stat") as f:
-        core = int(f.read().rsplit(")", 1)[1].split()[36])  # field 39 of proc(5): the CPU it last ran on
-    os.sched_setaffinity(0, {core})
-    return core
-
-
-def make_run_path(args) -> str:
-    """`<run_dir>/<env_id>__<exp_name>__<seed>__<unix time>`, with characters unsafe in paths replaced."""
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = re.sub(r"[^A-Za-z0-9_.\-]", "-", run_name)
-    path, n = os.path.join(args.run_dir, run_name), 1
-    while os.path.exists(path):  # two runs started in the same second
-        path, n = os.path.join(args.run_dir, f"{run_name}-{n}"), n + 1
-    os.makedirs(path)
-    return path
-
-
-def save_checkpoint(path, agent, optimizer, args, global_step, iteration, episode_returns, reward_scaler):
-    """Everything needed to continue the run, written to a temporary file and renamed, so that a crash or
-    Ctrl-C during the write never leaves a truncated checkpoint behind."""
-    state = {
-        "agent": agent.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "args": {f.name: getattr(args, f.name) for f in fields(args) if f.init},
-        "global_step": global_step,
-        "iteration": iteration,
-        "episode_returns": list(episode_returns),
-        "reward_scaler": reward_scaler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-    }
-    if torch.cuda.is_available():
-        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, device):
-    try:
-        return torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:
-        raise UsageError(f"cannot read checkpoint '{path}': {type(e).__name__}: {e}") from e
-
-
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def evaluate(agent, env_id, episodes, seed, device, backend, video_folder=None, **levels):
-    """Play `episodes` whole episodes with the greedy policy on a fresh environment (on `levels`: Procgen's
-    num_levels, start_level, distribution_mode) and return their returns. With `video_folder`, each episode
-    is written there as an mp4."""
-    envs = make_env(env_id, 1, seed, backend, render=video_folder is not None, **levels)
-    obs, _ = envs.reset()
-    returns, total = [], 0.0
-    frames = [np.asarray(envs.render()[0])] if video_folder else []
-    while len(returns) < episodes:
-        with torch.inference_mode():
-            action = agent.greedy_action(torch.as_tensor(obs, device=device))
-        obs, reward, terminated, truncated, _ = envs.step(action.cpu().numpy())
-        if video_folder:
-            frames.append(np.asarray(envs.render()[0]))
-        total += float(reward[0])
-        if terminated[0] or truncated[0]:
-            returns.append(total)
-            total = 0.0
-            if video_folder:
-                from moviepy import ImageSequenceClip
-
-                os.makedirs(video_folder, exist_ok=True)
-                path = os.path.join(video_folder, f"eval-episode-{len(returns) - 1}.mp4")
-                ImageSequenceClip(frames, fps=envs.render_fps).write_videofile(path, logger=None)
-                frames = []
-    envs.close()
-    return returns
-
-
-# ---------------------------------------------------------------------------------------------------------
-# MAIN
-# ---------------------------------------------------------------------------------------------------------
-def main(args: Args) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    # --pin-cpu, first, so that every thread started later inherits it. envpool steps the environments in
-    # worker threads; on another core, every step's hand-off between the training loop and a worker costs
-    # more than a CartPole step itself (README, Speed: ppo.py on the 2-core machine, 9k -> 12-13k SPS).
-    cpu_core = pin_to_current_core() if args.pin_cpu and device.type == "cpu" else None
-    torch.set_num_threads(args.torch_threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-
-    # Everything that can fail on the user's input fails here, before anything is written.
-    if args.cudagraphs and device.type != "cuda":
-        raise UsageError("--cudagraphs needs a CUDA device (CUDA graphs replay GPU kernels)")
-    ckpt = load_checkpoint(args.resume, device) if args.resume else None
-    levels = dict(
-        num_levels=args.num_levels, start_level=args.start_level, distribution_mode=args.distribution_mode
-    )
-    # Unseen levels for the test: every level from the first one after the training levels on (with
-    # --num-levels 0 the training levels are all levels, and the test plays levels drawn the same way).
-    test_levels = dict(
-        num_levels=0, start_level=args.start_level + args.num_levels, distribution_mode=args.distribution_mode
-    )
-    envs = make_env(
-        args.env_id,
-        args.num_envs,
-        args.seed + (ckpt["global_step"] if ckpt else 0),
-        args.env_backend,
-        **levels,
-    )
+# ----------------------------------------------- TRAINING ------------------------------------------------
+def train(args: Args, run):
+    """PPO: collect a rollout with the current policy, compute advantages, update for a few epochs; repeat."""
+    device = run.device
+    # a resumed run seeds its environments afresh, so that it does not replay the episodes it started with
+    envs = make_env(args.env_id, args.num_envs, args.seed + run.global_step, args.env_backend, **levels(args))
     check_spaces(envs)
-    test_envs = None
-    if args.num_test_envs > 0:
-        test_seed = args.seed + 1_000_000 + (ckpt["global_step"] if ckpt else 0)
-        test_envs = make_env(args.env_id, args.num_test_envs, test_seed, args.env_backend, **test_levels)
+    test_envs = TestEnvs(args, run.global_step, device)  # on levels never trained on
     if args.capture_video:
-        try:
-            import moviepy  # noqa: F401  (evaluate() writes the videos with it)
-        except ImportError as e:
-            raise UsageError("--capture-video needs moviepy: pip install -e '.[video]'") from e
-        try:  # render one frame now, so that a missing renderer is reported before training, not after
-            probe_env = make_env(args.env_id, 1, args.seed, args.env_backend, render=True, **test_levels)
-            probe_env.reset()
-            if probe_env.render() is None:
-                raise ValueError("render() returned no frame")
-            probe_env.close()
-        except Exception as e:
-            raise UsageError(f"--capture-video: cannot render '{args.env_id}' as rgb_array ({e})") from e
-
+        check_render(args, **test_envs.levels)
     agent = Agent(envs.single_observation_space, envs.single_action_space, args.network).to(device)
     reward_scaler = RewardScaler(args.num_envs, args.gamma)
-    # eps=1e-5 as in baselines ppo2; fused=True: one kernel for all parameters (1.3 -> 1.1 ms a minibatch here)
+    # eps=1e-5 as in baselines ppo2; fused=True: one kernel updates every parameter
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    global_step, start_iteration = 0, 1
-    episode_returns = deque(maxlen=100)  # the last 100 whole-episode returns, for the summary
-    if ckpt:
-        agent.load_state_dict(ckpt["agent"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        reward_scaler.load_state_dict(ckpt["reward_scaler"])
-        global_step, start_iteration = ckpt["global_step"], ckpt["iteration"] + 1
-        episode_returns.extend(ckpt["episode_returns"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
-        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        run_path = os.path.dirname(os.path.abspath(args.resume))  # the resumed run continues its own logs
-    else:
-        run_path = make_run_path(args)
-    checkpoint_path = os.path.join(run_path, "checkpoint.pt")
-    write_json(os.path.join(run_path, "args.json"), asdict(args))
-
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=asdict(args),
-            name=os.path.basename(run_path),
-            dir=run_path,
-            save_code=True,
-        )
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(run_path)
-    writer.add_text(
-        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-    )
-
-    # Ctrl-C: finish the current iteration, then checkpoint, flush and exit. A second Ctrl-C quits at once.
-    interrupted = False
-
-    def on_sigint(signum, frame):
-        nonlocal interrupted
-        interrupted = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print(
-            "\ninterrupt: finishing this iteration, then saving a checkpoint (Ctrl-C again quits now)",
-            flush=True,
-        )
-
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
-    writer.add_text("environment", f"{args.env_id}: {envs.backend}, protocol {envs.protocol}")
-    print(
-        f"run: {run_path}  env: {args.env_id} ({envs.backend}, {envs.protocol})  device: {device}", flush=True
-    )
+    # what a checkpoint holds: --resume and --eval-checkpoint restore it, --save-model writes it
+    info = {"backend": envs.backend, "protocol": envs.protocol}
+    state = {"agent": agent, "optimizer": optimizer, "reward_scaler": reward_scaler}
+    run.start(args.num_iterations * args.batch_size, info, **state)
 
     # --compile: acting and the loss through torch.compile, which fuses their many small operations into a
-    # few kernels (README, Speed: what it buys, measured); --cudagraphs also records them as CUDA graphs.
-    # GAE stays eager: its loop over time would be unrolled into a graph of num_steps steps, which compiled
-    # in 16 s for 128 steps and in 251 s for MuJoCo's 2,048 on the 2-core machine, to save 1 and 10 ms an
-    # iteration.
+    # few kernels; --cudagraphs also records them as CUDA graphs. GAE stays eager: its loop over time would
+    # be unrolled into a graph of num_steps steps, which takes minutes to compile for little gain (README).
     loss_fn = ppo_loss
     if args.compile or args.cudagraphs:
         mode = "reduce-overhead" if args.cudagraphs else "default"
@@ -798,9 +597,8 @@ def main(args: Args) -> dict:
         loss_fn = torch.compile(ppo_loss, mode=mode)
 
     # Storage, allocated once on the device.
-    # (T, N, 64, 64, 3) uint8 images, as the env gives them: the network converts them to floats
-    obs_shape = (args.num_steps, args.num_envs) + envs.single_observation_space.shape
-    obs = torch.zeros(obs_shape, dtype=torch.uint8, device=device)
+    obs_shape = (args.num_steps, args.num_envs) + envs.single_observation_space.shape  # (T, N, 64, 64, 3)
+    obs = torch.zeros(obs_shape, dtype=torch.uint8, device=device)  # images as the env gives them: uint8
     actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)  # (T, N)
     logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, N) log pi_old(a|s)
     values = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, N) V_old(s)
@@ -813,30 +611,16 @@ def main(args: Args) -> dict:
     # carries no information about the policy and must not enter the loss.
     valid = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
 
-    from tqdm import tqdm
-
-    show_bar = args.progress and sys.stdout.isatty()
-    bar = tqdm(
-        total=args.num_iterations * args.batch_size, initial=global_step, unit="step", disable=not show_bar
-    )
-    start_time, start_step = time.time(), global_step
+    global_step = run.global_step
     next_obs_np, _ = envs.reset()
     next_obs = torch.as_tensor(next_obs_np, device=device)
     next_autoreset = np.zeros(args.num_envs, dtype=bool)
-    test_episode_returns = deque(maxlen=100)  # the last 100 returns on unseen levels
-    if test_envs is not None:
-        test_obs = torch.as_tensor(test_envs.reset()[0], device=device)
-        test_return = np.zeros(args.num_test_envs, dtype=np.float64)
     episode_return = np.zeros(args.num_envs, dtype=np.float64)
     episode_length = np.zeros(args.num_envs, dtype=np.int64)
-    episodes = 0
-    iteration = start_iteration - 1
-    status = "finished"
 
-    for iteration in range(start_iteration, args.num_iterations + 1):
+    for iteration in run.iterations():
         if args.anneal_lr:
-            frac = 1.0 - (iteration - 1.0) / args.num_iterations
-            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+            optimizer.param_groups[0]["lr"] = run.annealed(args.learning_rate)
 
         # ---- rollout ----
         finished_returns, finished_lengths, finished_test_returns = [], [], []
@@ -851,7 +635,7 @@ def main(args: Args) -> dict:
             logprobs[step] = logprob
             values[step] = value
 
-            next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+            next_obs_np, reward, terminated, truncated, _ = envs.step(action.cpu().numpy())
             next_obs = torch.as_tensor(next_obs_np, device=device)
             ended = terminated | truncated
             rewards[step] = reward
@@ -869,33 +653,12 @@ def main(args: Args) -> dict:
                 finished_lengths.append(int(episode_length[i]))
             episode_return[ended] = 0.0
             episode_length[ended] = 0
-            # Procgen resets within the step that ends an episode: its next step is an ordinary one.
-            next_autoreset = ended if envs.autoreset_next_step else np.zeros_like(ended)
-
-            # The test: the same policy, sampling as in training, on levels it never trains on; not stored.
-            if test_envs is not None:
-                with torch.inference_mode():
-                    test_action, _, _ = agent.get_action(test_obs)
-                test_obs_np, test_reward, test_terminated, test_truncated, _ = test_envs.step(
-                    test_action.cpu().numpy()
-                )
-                test_obs = torch.as_tensor(test_obs_np, device=device)
-                test_return += test_reward
-                test_ended = test_terminated | test_truncated
-                finished_test_returns.extend(test_return[test_ended].tolist())
-                test_return[test_ended] = 0.0
-
-        episodes += len(finished_returns)
-        episode_returns.extend(finished_returns)
-        if finished_returns:
-            writer.add_scalar("charts/episodic_return", np.mean(finished_returns), global_step)
-            writer.add_scalar("charts/episodic_length", np.mean(finished_lengths), global_step)
-        test_episode_returns.extend(finished_test_returns)
-        if finished_test_returns:
-            writer.add_scalar("charts/test_episodic_return", np.mean(finished_test_returns), global_step)
+            next_autoreset = ended & envs.autoreset_next_step  # never for Procgen: it resets within a step
+            finished_test_returns += test_envs.step(agent)
+        run.log_episodes(global_step, finished_returns, finished_lengths)
+        run.log_episodes(global_step, finished_test_returns, prefix="test_")
 
         # ---- advantages ----
-        # Episode returns above are the raw ones; the learning signal uses the scaled rewards.
         scaled_rewards = reward_scaler(rewards, dones, valid) if args.norm_reward else rewards
         with torch.no_grad():
             # values[] came with the actions (shared trunk); only the observation after the rollout is new
@@ -907,13 +670,7 @@ def main(args: Args) -> dict:
                 torch.as_tensor(x, device=device) for x in (scaled_rewards, terminations, dones)
             )
             advantages, returns = compute_gae(
-                values=values,
-                next_values=next_values,
-                rewards=b_rewards,
-                terminations=b_terminations,
-                dones=b_dones,
-                gamma=args.gamma,
-                gae_lambda=args.gae_lambda,
+                b_rewards, values, next_values, b_terminations, b_dones, args.gamma, args.gae_lambda
             )
 
         # flatten the batch
@@ -937,16 +694,9 @@ def main(args: Args) -> dict:
                     b_obs[mb_inds], b_actions[mb_inds]
                 )
                 loss, stats = loss_fn(
-                    newlogprob=newlogprob,
-                    oldlogprob=b_logprobs[mb_inds],
-                    advantages=b_advantages[mb_inds],
-                    newvalue=newvalue,
-                    oldvalue=b_values[mb_inds],
-                    returns=b_returns[mb_inds],
-                    entropy=entropy,
-                    mask=b_valid[mb_inds],
-                    args=args,
-                )
+                    newlogprob, b_logprobs[mb_inds], b_advantages[mb_inds], newvalue, b_values[mb_inds],
+                    b_returns[mb_inds], entropy, b_valid[mb_inds], args,
+                )  # fmt: skip
                 optimizer.zero_grad()
                 loss.backward()
                 stats["grad_norm"] = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
@@ -955,134 +705,610 @@ def main(args: Args) -> dict:
                     sums[k] = sums.get(k, 0.0) + v
                 epoch_kl += stats["approx_kl"]
                 num_updates += 1
-            if (
-                args.target_kl is not None
-                and (epoch_kl / (args.batch_size // args.minibatch_size)) > args.target_kl
-            ):
+            if args.target_kl is not None and (epoch_kl / args.num_minibatches) > args.target_kl:
                 break
 
         # ---- logging ----
         means = {k: (v / num_updates).item() for k, v in sums.items()}
-        # One NaN or inf in any minibatch's losses or gradient norm makes its sum non-finite.
-        if not all(np.isfinite(v) for v in means.values()):
-            status = "non-finite loss"
-            break
+        if not all(np.isfinite(v) for v in means.values()):  # one NaN or inf in any minibatch
+            run.fail("non-finite loss")
         b_valid_bool = b_valid.bool()
         ev = explained_variance(b_values[b_valid_bool], b_returns[b_valid_bool]).item()
         valid_adv = b_advantages[b_valid_bool]
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        metrics = {"charts/learning_rate": optimizer.param_groups[0]["lr"]}
         for k in ("policy_loss", "value_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac"):
-            writer.add_scalar(f"losses/{k}", means[k], global_step)
-        writer.add_scalar("losses/explained_variance", ev, global_step)
+            metrics[f"losses/{k}"] = means[k]
+        metrics["losses/explained_variance"] = ev
         if envs.single_action_space.n > 1:  # entropy / log|A| is undefined with a single action (probes 1-3)
-            writer.add_scalar(
-                "debug/relative_entropy", means["entropy"] / np.log(envs.single_action_space.n), global_step
-            )
-        writer.add_scalar("debug/residual_variance", 1.0 - ev, global_step)
-        writer.add_scalar("debug/advantage_mean", valid_adv.mean().item(), global_step)
-        writer.add_scalar("debug/advantage_std", valid_adv.std(correction=0).item(), global_step)
-        writer.add_scalar("debug/grad_norm", means["grad_norm"], global_step)
-        sps = int((global_step - start_step) / (time.time() - start_time))
-        writer.add_scalar("charts/SPS", sps, global_step)
+            metrics["debug/relative_entropy"] = means["entropy"] / np.log(envs.single_action_space.n)
+        metrics["debug/residual_variance"] = 1.0 - ev
+        metrics["debug/advantage_mean"] = valid_adv.mean().item()
+        metrics["debug/advantage_std"] = valid_adv.std(correction=0).item()
+        metrics["debug/grad_norm"] = means["grad_norm"]
+        run.log(global_step, metrics)
 
-        recent = float(np.mean(episode_returns)) if episode_returns else float("nan")
-        bar.update(args.batch_size)
-        bar.set_postfix(sps=sps, ret=f"{recent:.1f}", refresh=False)
-        if not show_bar and args.progress and iteration % max(1, args.num_iterations // 10) == 0:
+    envs.close()
+    test_envs.close()
+    run.evaluate(
+        lambda episodes, folder: evaluate(
+            agent, args.env_id, episodes, args.seed, device, args.env_backend, folder, **test_envs.levels
+        )
+    )
+
+
+# ============================================ RUN HARNESS ============================================
+# No reinforcement learning below this line, and the same bytes in every script (a test compares them).
+# train() above talks to it through `run`: start, iterations, annealed, log_episodes, log, fail, evaluate.
+# Here: argument checks, device, seeding and CPU pinning, checkpoints (plain data, loaded once), the run
+# directory, TensorBoard and W&B, SIGINT/SIGTERM, the progress line, summary.json and the JSON last line.
+import difflib
+import json
+import math
+import pickle
+import random
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import fields
+
+import tyro
+
+SCRIPT = os.path.basename(__file__)
+CHECKPOINT_FORMAT = "rl-scripts checkpoint v2"
+# Argument ranges, by field name (each script has some of these fields): (test, what the value must be).
+RULES = {
+    **dict.fromkeys(
+        ("num_envs", "num_steps", "num_minibatches", "update_epochs", "batch_size", "value_epochs")
+        + ("torch_threads", "save_interval", "total_timesteps"),
+        (lambda v: v >= 1, ">= 1"),
+    ),
+    **dict.fromkeys(
+        ("eval_episodes", "num_test_envs", "num_levels", "start_level"), (lambda v: v >= 0, ">= 0")
+    ),
+    **dict.fromkeys(("gamma", "gae_lambda"), (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")),
+    **dict.fromkeys(("learning_rate", "value_learning_rate"), (lambda v: v > 0, "> 0")),
+    "max_grad_norm": (lambda v: v is None or v > 0, "> 0"),
+}
+
+
+class UsageError(Exception):
+    """Bad input (a flag, an environment id, a checkpoint): one line on stderr, exit 1, nothing written."""
+
+
+class RunFailed(Exception):
+    """A run that cannot go on; `status` names what happened and becomes the summary's status."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Interrupted(BaseException):
+    """Raised by a stop signal where nothing can wait for the end of an iteration (a second signal, or the
+    first during evaluation). A BaseException, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def check_args(args):
+    """The ranges in RULES, finite numbers, existing checkpoint files; called by Args.__post_init__."""
+    for f in fields(args):
+        value, flag = getattr(args, f.name, None), "--" + f.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
+        if f.name in RULES and f.init and not RULES[f.name][0](value):
+            raise UsageError(f"{flag} must be {RULES[f.name][1]}, got {value}")
+    if args.resume is not None and args.eval_checkpoint is not None:
+        raise UsageError("--resume and --eval-checkpoint exclude each other (continue training, or evaluate)")
+    for flag, path in (("--resume", args.resume), ("--eval-checkpoint", args.eval_checkpoint)):
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"{flag}: no checkpoint file at '{path}'")
+
+
+def unknown_env_id(env_id: str, known) -> UsageError:
+    """The error for an id that no backend has, with the closest known ids."""
+    close = list(dict.fromkeys(difflib.get_close_matches(env_id.split(":")[-1], known, n=3)))
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return UsageError(f"unknown environment id '{env_id}'{hint}")
+
+
+def pin_to_current_core():
+    """Restrict this thread, and every thread it starts from now on (torch's, the environments' workers), to
+    the CPU core it is running on; return that core, or None where the OS has no CPU affinity (not Linux).
+    Already restricted to one core (`taskset -c 3 python ...`), it stays there."""
+    if not (hasattr(os, "sched_setaffinity") and os.path.exists("/proc/thread-self/stat")):
+        return None
+    with open("/proc/thread-self/stat") as f:
+        core = int(f.read().rsplit(")", 1)[1].split()[36])  # field 39 of proc(5): the CPU it last ran on
+    os.sched_setaffinity(0, {core})
+    return core
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+_loaded = {}  # the last checkpoint read, by (path, modification time): parse_args and Run read it once
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint of this script, as plain data on the CPU. `weights_only=True` unpickles tensors and
+    plain containers only, so a file holding anything else is refused instead of run."""
+    key = (os.path.abspath(path), os.stat(path).st_mtime_ns)
+    if key not in _loaded:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UsageError(
+                f"refused checkpoint '{path}': it holds objects other than tensors and plain data, "
+                "and loading those could run code"
+            ) from e
+        except Exception as e:
+            raise UsageError(f"cannot read checkpoint '{path}': {one_line(e)}") from e
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise UsageError(f"'{path}' is not a checkpoint of these scripts (or of an older version)")
+        if ckpt["script"] != SCRIPT:
+            raise UsageError(f"'{path}' was not written by this script ({SCRIPT}) but by {ckpt['script']}")
+        _loaded.clear()
+        _loaded[key] = ckpt
+    return _loaded[key]
+
+
+def write_atomically(path: str, data: bytes):
+    """Write to `path.tmp`, then rename: a crash, a signal or a full disk never leaves a truncated file,
+    and the previous file stays intact until the new one is complete."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        status = (e.strerror or "write error").lower()  # e.g. "no space left on device"
+        raise RunFailed(status, f"{status}: cannot write {path}") from e
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, obj: dict):
+    write_atomically(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def rng_state() -> dict:
+    """Every random generator's state, in types that `weights_only` loading accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])  # a CPU ByteTensor, as loaded
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Run:
+    """One run: what train() needs besides the algorithm. See the fence comment for the calls."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        # --pin-cpu first, so that every thread started later inherits the core: envpool steps the
+        # environments in worker threads, and a hand-off to another core costs more than a small env step.
+        self.cpu_core = pin_to_current_core() if args.pin_cpu and self.device.type == "cpu" else None
+        torch.set_num_threads(args.torch_threads)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+
+        if getattr(args, "cudagraphs", False) and self.device.type != "cuda":
+            raise UsageError("--cudagraphs needs a CUDA device (CUDA graphs replay GPU kernels)")
+        if args.capture_video:
+            try:
+                import moviepy  # noqa: F401  (the videos are written with it)
+            except ImportError as e:
+                raise UsageError("--capture-video needs moviepy: pip install -e '.[video]'") from e
+        if args.track:
+            self._check_wandb_login()
+        self.checkpoint = (
+            load_checkpoint(args.resume or args.eval_checkpoint)
+            if args.resume or args.eval_checkpoint
+            else None
+        )
+        progress = self.checkpoint or {}
+        self.global_step = progress.get("global_step", 0)
+        self.iteration = progress.get("iteration", 0)
+        self.episodes = dict(progress.get("episodes", {}))  # {prefix: count}; "" is training, "test_" ...
+        self.returns = {k: deque(v, maxlen=100) for k, v in progress.get("returns", {}).items()}
+        self.schedule = progress.get("schedule")  # [step, fraction, steps]: see annealed()
+        self.last_fraction = progress.get("last_fraction")
+        self.path = self.writer = self.bar = None
+        self.status, self.error, self.stop_signal = "finished", None, None
+        self.info, self.summary, self.closed = {}, None, False
+        self.start_time, self.start_step = time.time(), self.global_step
+
+    @staticmethod
+    def _check_wandb_login():
+        try:
+            import wandb
+        except ImportError as e:
+            raise UsageError("--track needs wandb: pip install wandb") from e
+        offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
+        if not offline and not wandb.login(prompt=False, verify=False):
+            raise UsageError(
+                "--track: not logged in to Weights & Biases (`wandb login`, or WANDB_MODE=offline)"
+            )
+
+    # ---- the calls from train() ----
+    def start(self, steps: int, info: dict, **state):
+        """Register what a checkpoint holds (objects with state_dict/load_state_dict: the agent, the
+        optimizer, normalisers), restore it from --resume or --eval-checkpoint, and open the run directory.
+        `steps` is the budget of environment steps; `info` ({"backend": ...}) goes into the summary."""
+        self.steps, self.info, self.state = steps, dict(info), state
+        ckpt, args = self.checkpoint, self.args
+        if ckpt is not None:
+            for name, obj in state.items():
+                # an optimizer keeps the rate it was built with: the flags', which override the checkpoint's
+                rates = [g["lr"] for g in obj.param_groups] if isinstance(obj, torch.optim.Optimizer) else []
+                try:
+                    obj.load_state_dict(ckpt[name])
+                    for group, rate in zip(getattr(obj, "param_groups", []), rates, strict=False):
+                        group["lr"] = rate
+                except (KeyError, ValueError, RuntimeError) as e:
+                    path = args.resume or args.eval_checkpoint
+                    raise UsageError(
+                        f"checkpoint '{path}' does not fit this run's {name}: {one_line(e)}"
+                    ) from e
+        if args.eval_checkpoint:
+            return
+        if ckpt is not None:
+            set_rng_state(ckpt["rng"])
+            if self.global_step >= steps:
+                self.status = "already finished"
+                return
+            stored = ckpt["args"]
+            new_rate = args.learning_rate != stored["learning_rate"]
+            if new_rate or steps != self.schedule[2]:
+                # a new budget or a new rate: from the rate reached (or the new one) to 0 over what remains
+                self.schedule = [self.global_step, 1.0 if new_rate else self.last_fraction or 1.0, steps]
+            self.path = os.path.dirname(os.path.abspath(args.resume))
+            given = {k: v for k, v in self.args_dict().items() if k not in ("resume", "eval_checkpoint")}
+            changed = {k: [stored.get(k), v] for k, v in given.items() if stored.get(k) != v}
+            record = {"global_step": self.global_step, "iteration": self.iteration, "changed": changed}
+            try:
+                with open(os.path.join(self.path, "resumes.jsonl"), "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise UsageError(f"--resume: cannot write in '{self.path}': {e.strerror}") from e
+        else:
+            self.schedule = [0, 1.0, steps]
+            self.path = self._make_run_dir()
+        self._open_logs()
+        self.writer.add_text("environment", f"{args.env_id}: " + ", ".join(map(str, self.info.values())))
+        where = ", ".join(map(str, self.info.values()))
+        print(f"run: {self.path}  env: {args.env_id} ({where})  device: {self.device}", flush=True)
+        self.start_time, self.start_step = time.time(), self.global_step
+
+    def iterations(self):
+        """Iteration numbers, 1, 2, ... (continuing after a resume), until the budget of steps is spent or
+        a stop signal arrived. Each iteration ends with run.log(); every --save-interval, a checkpoint."""
+        while self.path is not None and self.global_step < self.steps and self.stop_signal is None:
+            self.iteration += 1
+            step_before = self.global_step
+            yield self.iteration
+            if self.global_step == step_before:
+                raise RuntimeError("train() must call run.log(global_step, ...) once in every iteration")
+            if self.args.save_model and self.iteration % self.args.save_interval == 0:
+                self.save_checkpoint()
+        if self.stop_signal is not None and self.global_step < self.steps:
+            self.status = "interrupted"
+
+    def annealed(self, rate: float) -> float:
+        """`rate` annealed linearly to 0 at the end of the budget. A resumed run continues the schedule; with
+        a new budget (or a new --learning-rate) it goes from the rate reached (or the new one) to 0 over the
+        steps that remain, never jumping."""
+        start_step, fraction, steps = self.schedule
+        self.last_fraction = fraction * (1.0 - (self.global_step - start_step) / (steps - start_step))
+        return self.last_fraction * rate
+
+    def log_episodes(self, global_step: int, returns: list, lengths: list = None, prefix: str = ""):
+        """Episodes that ended in this iteration: their mean return (and length) at global_step; the summary
+        keeps the last 100 returns and the count. `prefix` keeps a second kind apart (e.g. "test_")."""
+        self.episodes[prefix] = self.episodes.get(prefix, 0) + len(returns)
+        self.returns.setdefault(prefix, deque(maxlen=100)).extend(float(r) for r in returns)
+        if len(returns):
+            self.writer.add_scalar(f"charts/{prefix}episodic_return", np.mean(returns), global_step)
+        if lengths is not None and len(lengths):
+            self.writer.add_scalar(f"charts/{prefix}episodic_length", np.mean(lengths), global_step)
+
+    def log(self, global_step: int, scalars: dict):
+        """The end of an iteration: its metrics (and the SPS) to TensorBoard at global_step, the progress."""
+        self.global_step = global_step
+        sps = int((global_step - self.start_step) / max(time.time() - self.start_time, 1e-9))
+        for tag, value in {**scalars, "charts/SPS": sps}.items():
+            self.writer.add_scalar(tag, value, global_step)
+        recent = float(np.mean(self.returns[""])) if self.returns.get("") else float("nan")
+        if self.bar is not None:
+            self.bar.update(global_step - self.bar.n)
+            self.bar.set_postfix(sps=sps, ret=f"{recent:.1f}", refresh=False)
+        elif self.args.progress and global_step >= self.next_print:  # about every tenth of the budget
+            self.next_print = global_step + self.steps / 10
             print(f"step {global_step:>10}  return(last100) {recent:8.2f}  SPS {sps}", flush=True)
 
-        if args.save_model and iteration % args.save_interval == 0:
-            save_checkpoint(
-                checkpoint_path,
-                agent,
-                optimizer,
-                args,
-                global_step,
-                iteration,
-                episode_returns,
-                reward_scaler,
+    def fail(self, status: str):
+        """Stop the run: `status` (e.g. "non-finite loss") names why. The last checkpoint is kept as it is."""
+        kept = self.checkpoint_path if os.path.exists(self.checkpoint_path or "") else None
+        where = f" at iteration {self.iteration}" + (f"; the last good checkpoint is {kept}" if kept else "")
+        raise RunFailed(status, f"{status}{where}: stopped")
+
+    def evaluate(self, play):
+        """After training: the checkpoint and summary.json are written first, so that nothing can lose the
+        finished run; then `play(episodes, video_folder)` returns the returns of that many evaluation
+        episodes (--eval-episodes; one with --capture-video). A stop signal ends the evaluation at once."""
+        args = self.args
+        self._close_training()
+        episodes = args.eval_episodes or (10 if args.eval_checkpoint else int(args.capture_video))
+        if self.status != "finished" or episodes == 0:
+            return
+        if self.stop_signal is not None:  # arrived after the last iteration
+            self.status = "evaluation interrupted"
+            return
+        folder = os.path.dirname(os.path.abspath(args.eval_checkpoint)) if args.eval_checkpoint else self.path
+        self.status = "evaluation interrupted"  # until play() returns; a signal now stops it at once
+        returns = play(episodes, os.path.join(folder, "videos") if args.capture_video else None)
+        self.status = "finished"
+        self.summary.update(eval_episodes=len(returns), eval_return_mean=float(np.mean(returns)))
+        self.summary["eval_return_std"] = float(np.std(returns))
+        if self.writer is not None:
+            for i, r in enumerate(returns):
+                self.writer.add_scalar("eval/episodic_return", r, i)
+
+    # ---- internals ----
+    def args_dict(self) -> dict:
+        return {f.name: getattr(self.args, f.name) for f in fields(self.args) if f.init}
+
+    @property
+    def checkpoint_path(self):
+        return os.path.join(self.path, "checkpoint.pt") if self.path else None
+
+    def save_checkpoint(self):
+        progress = {"global_step": self.global_step, "iteration": self.iteration, "episodes": self.episodes}
+        progress.update(returns={k: list(v) for k, v in self.returns.items()}, schedule=self.schedule)
+        state = {name: obj.state_dict() for name, obj in self.state.items()}
+        meta = {"format": CHECKPOINT_FORMAT, "script": SCRIPT, "args": self.args_dict(), "rng": rng_state()}
+        buffer = io.BytesIO()
+        torch.save({**meta, **progress, "last_fraction": self.last_fraction, **state}, buffer)
+        write_atomically(self.checkpoint_path, buffer.getvalue())
+
+    def _make_run_dir(self) -> str:
+        args = self.args
+        name = re.sub(
+            r"[^A-Za-z0-9_.\-]", "-", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        )
+        path, n = os.path.join(args.run_dir, name), 1
+        while os.path.exists(path):  # two runs started in the same second
+            path, n = os.path.join(args.run_dir, f"{name}-{n}"), n + 1
+        try:
+            os.makedirs(path)
+        except OSError as e:
+            raise UsageError(f"--run-dir: cannot create '{path}': {e.strerror}") from e
+        try:
+            write_json(os.path.join(path, "args.json"), self.args_dict())
+        except RunFailed as e:
+            shutil.rmtree(path, ignore_errors=True)
+            raise UsageError(f"--run-dir: {e}") from e
+        return path
+
+    def _open_logs(self):
+        args = self.args
+        if args.track:
+            import wandb
+
+            try:
+                wandb.init(
+                    project=args.wandb_project_name,
+                    entity=args.wandb_entity,
+                    sync_tensorboard=True,
+                    config=self.args_dict(),
+                    name=os.path.basename(self.path),
+                    dir=self.path,
+                    save_code=True,
+                )
+            except Exception as e:
+                if not args.resume:
+                    shutil.rmtree(self.path, ignore_errors=True)
+                raise UsageError(f"--track: W&B did not start: {one_line(e)}") from e
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(self.path)
+        table = "\n".join(f"|{k}|{v}|" for k, v in self.args_dict().items())
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        show_bar = args.progress and sys.stdout.isatty()
+        if show_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.steps, initial=self.global_step, unit="step")
+        self.next_print = self.global_step + self.steps / 10
+
+    def _close_training(self):
+        """Once: the progress bar, the checkpoint (--save-model, a stop signal, or a resumed run, whose
+        checkpoint must end where it ends) and summary.json."""
+        if self.summary is not None:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        args = self.args
+        if args.eval_checkpoint:
+            self.summary = {"env_id": args.env_id, "checkpoint": args.eval_checkpoint, "status": self.status}
+            self.summary["global_step"] = self.global_step
+            return
+        self.summary = {
+            "env_id": args.env_id,
+            "seed": args.seed,
+            "global_step": self.global_step,
+            "episodes": self.episodes.get("", 0),
+            "episodic_return_mean_last100": float(np.mean(self.returns[""]))
+            if self.returns.get("")
+            else None,
+            "sps": int((self.global_step - self.start_step) / max(time.time() - self.start_time, 1e-9)),
+            "wall_seconds": round(time.time() - self.start_time, 2),
+            "status": self.status,
+            **self.info,
+            "cpu_core": self.cpu_core,
+        }
+        for prefix in sorted(k for k in self.returns if k):
+            self.summary[f"{prefix}episodes"] = self.episodes[prefix]
+            returns = self.returns[prefix]
+            self.summary[f"{prefix}episodic_return_mean_last100"] = (
+                float(np.mean(returns)) if returns else None
             )
-        if interrupted:
-            status = "interrupted"
-            break
+        resumed_path = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
+        self.summary["run_dir"] = self.path or resumed_path
+        if self.status == "already finished":  # the run's own record, untouched
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(self.summary["run_dir"], "summary.json")) as f:
+                    self.summary = {**json.load(f), "status": self.status}
+        if self.path is None or self.status == "already finished":
+            return
+        healthy = self.status in ("finished", "interrupted")
+        if healthy and (args.save_model or args.resume or self.stop_signal is not None):
+            self.save_checkpoint()
+        write_json(os.path.join(self.path, "summary.json"), self.summary)
 
-    bar.close()
-    signal.signal(signal.SIGINT, previous_handler)
-    envs.close()
-    if test_envs is not None:
-        test_envs.close()
+    def close(self):
+        """The end, whatever happened: summary.json (again, with the evaluation), the logs, the JSON line."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._close_training()
+            self.summary["status"] = self.status
+            if self.error:
+                self.summary["error"] = self.error
+            if self.stop_signal is not None:
+                self.summary["signal"] = signal.Signals(self.stop_signal).name
+            if self.path is not None and self.status != "already finished":
+                write_json(os.path.join(self.path, "summary.json"), self.summary)
+        except RunFailed as e:  # e.g. the disk is full: the status says so, the JSON line still comes
+            if self.error is None:  # (not when that same failure stopped the run: it was reported)
+                self.status, self.error = e.status, str(e)
+                self.summary.update(status=e.status, error=str(e))
+                print(f"error: {e}", file=sys.stderr, flush=True)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+            if self.args.track and self.path is not None:
+                import wandb
 
-    if status == "non-finite loss":
-        writer.close()
-        kept = f"; the last good checkpoint is {checkpoint_path}" if os.path.exists(checkpoint_path) else ""
-        raise FloatingPointError(
-            f"non-finite loss at iteration {iteration} (global step {global_step}): stopped{kept}"
+                wandb.finish()
+            print(json.dumps(self.summary), flush=True)
+
+
+def main(args) -> dict:
+    """train(args, run) inside the harness. Returns the summary, also printed as the last stdout line; its
+    "status" says how the run ended (cli() maps it to the exit code). Bad input raises UsageError first."""
+    run = Run(args)
+
+    def on_signal(signum, frame):
+        if run.stop_signal is not None or run.status == "evaluation interrupted":
+            raise Interrupted(signum)
+        run.stop_signal = signum
+        name = signal.Signals(signum).name
+        print(
+            f"\n{name}: finishing this iteration, then saving a checkpoint ({name} again quits now)",
+            flush=True,
         )
-    if args.save_model or status == "interrupted":
-        save_checkpoint(
-            checkpoint_path, agent, optimizer, args, global_step, iteration, episode_returns, reward_scaler
-        )
 
-    summary = {
-        "env_id": args.env_id,
-        "seed": args.seed,
-        "global_step": global_step,
-        "episodes": episodes,
-        "episodic_return_mean_last100": float(np.mean(episode_returns)) if episode_returns else None,
-        "sps": int((global_step - start_step) / (time.time() - start_time)),
-        "wall_seconds": round(time.time() - start_time, 2),
-        "status": status,
-        "backend": envs.backend,
-        "cpu_core": cpu_core,
-        "protocol": envs.protocol,
-        "test_episodic_return_mean_last100": (
-            float(np.mean(test_episode_returns)) if test_episode_returns else None
-        ),
-        "run_dir": run_path,
-    }
-    if status == "finished" and (args.eval_episodes > 0 or args.capture_video):
-        video_folder = os.path.join(run_path, "videos") if args.capture_video else None
-        eval_returns = evaluate(
-            agent,
-            args.env_id,
-            max(1, args.eval_episodes),
-            args.seed,
-            device,
-            args.env_backend,
-            video_folder,
-            **test_levels,
-        )
-        for i, r in enumerate(eval_returns):
-            writer.add_scalar("eval/episodic_return", r, i)
-        summary["eval_return_mean"] = float(np.mean(eval_returns))
-    write_json(os.path.join(run_path, "summary.json"), summary)
-    writer.close()
-    if args.track:
-        wandb.finish()
-    print(json.dumps(summary), flush=True)
-    return summary
-
-
-def parse_args(argv=None) -> Args:
-    """tyro parsing; with --resume, the checkpoint's arguments become the defaults (given flags override)."""
-    argv = sys.argv[1:] if argv is None else argv
-    resume = next((a.split("=", 1)[1] for a in argv if a.startswith("--resume=")), None)
-    if resume is None and "--resume" in argv and argv.index("--resume") + 1 < len(argv):
-        resume = argv[argv.index("--resume") + 1]
-    if resume is None or not os.path.isfile(resume):
-        return tyro.cli(Args, args=argv)
-    stored = load_checkpoint(resume, "cpu")["args"]
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        default = Args(**{**stored, "resume": resume})
-    except TypeError as e:  # e.g. a checkpoint of another script, with other arguments
-        raise UsageError(f"'{resume}' was not written by this script ({e})") from e
+        train(args, run)
+    except RunFailed as e:
+        run.status, run.error = e.status, str(e)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    except Interrupted as e:  # a second signal, or one during evaluation
+        run.stop_signal = run.stop_signal or e.signum
+        if run.status != "evaluation interrupted":
+            run.status = "aborted"  # no checkpoint: the user asked to quit now
+        print(f"\n{e.args[0]}: stopped", file=sys.stderr, flush=True)
+    except UsageError:
+        if run.path is not None and not run.args.resume:
+            shutil.rmtree(run.path, ignore_errors=True)  # a run that never started leaves nothing behind
+        raise
+    except Exception:  # a bug: its traceback follows, after the summary of what the run had done
+        run.status = "crashed"
+        run.close()
+        raise
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    if run.status == "already finished":
+        where = os.path.dirname(os.path.abspath(args.resume))
+        print(
+            f"already finished: {where} is at step {run.global_step} of {run.steps}; nothing to do "
+            "(a larger --total-timesteps continues it)",
+            file=sys.stderr,
+        )
+    run.close()
+    return run.summary
+
+
+def parse_args(argv=None) -> "Args":
+    """tyro parsing; with --resume or --eval-checkpoint, the checkpoint's arguments are the defaults and the
+    flags given override them."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for flag in ("--resume", "--eval-checkpoint"):
+        path = next((a.split("=", 1)[1] for a in argv if a.startswith(flag + "=")), None)
+        if path is None and flag in argv and argv.index(flag) + 1 < len(argv):
+            path = argv[argv.index(flag) + 1]
+        if path is not None and os.path.isfile(path):
+            break
+    else:
+        return tyro.cli(Args, args=argv)
+    stored = load_checkpoint(path)["args"]
+    given = {"resume": None, "eval_checkpoint": None, flag[2:].replace("-", "_"): path}
+    try:
+        default = Args(**{**stored, **given})
+    except TypeError as e:
+        raise UsageError(f"'{path}' holds arguments this script does not have ({e})") from e
     args = tyro.cli(Args, args=argv, default=default)
     return Args(**{f.name: getattr(args, f.name) for f in fields(Args) if f.init})  # recompute derived sizes
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """The exit code: 0 for a finished run, 128 + the signal's number after a stop signal (130 for SIGINT,
+    143 for SIGTERM, as a shell reports them), 1 for any failure."""
     try:
         summary = main(parse_args())
-    except (UsageError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
-    sys.exit(130 if summary["status"] == "interrupted" else 0)  # 130: the shell's code for Ctrl-C
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(json.dumps({"status": "usage error", "error": str(e)}), flush=True)
+        return 1
+    if "signal" in summary:
+        return 128 + signal.Signals[summary["signal"]].value
+    return 0 if summary["status"] in ("finished", "already finished") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

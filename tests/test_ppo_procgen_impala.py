@@ -12,7 +12,7 @@ import ppo
 import ppo_continuous
 import ppo_procgen_impala as pp
 from tests import conftest
-from tests.conftest import PPO_METRICS, check_run_outputs, read_scalars
+from tests.conftest import PPO_METRICS, check_run_outputs, named_args, read_scalars
 
 IMAGES = gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
 
@@ -125,12 +125,12 @@ def test_procgen_steps_after_an_episode_end_are_trained_on(run_dir, monkeypatch)
     real_loss, real_gae = pp.ppo_loss, pp.compute_gae
 
     def spy_loss(*args, **kwargs):
-        masks.append(kwargs["mask"].clone())
+        masks.append(named_args(real_loss, args, kwargs)["mask"].clone())
         return real_loss(*args, **kwargs)
 
-    def spy_gae(**kwargs):
-        dones.append(kwargs["dones"].clone())
-        return real_gae(**kwargs)
+    def spy_gae(*args, **kwargs):
+        dones.append(named_args(real_gae, args, kwargs)["dones"].clone())
+        return real_gae(*args, **kwargs)
 
     monkeypatch.setattr(pp, "ppo_loss", spy_loss)
     monkeypatch.setattr(pp, "compute_gae", spy_gae)
@@ -167,7 +167,7 @@ def test_smoke_bigfish_outputs_metrics_and_test_return(run_dir, network):
     missing = [m for m in PPO_METRICS + ["charts/test_episodic_return"] if m not in scalars]
     assert not missing, missing
     assert len(scalars["losses/policy_loss"]) == 2
-    ckpt = torch.load(f"{summary['run_dir']}/checkpoint.pt", weights_only=False)
+    ckpt = torch.load(f"{summary['run_dir']}/checkpoint.pt", weights_only=True)
     assert ckpt["args"]["network"] == network and ckpt["reward_scaler"]["rms"]["count"] > 0
 
 
