@@ -437,8 +437,9 @@ def train(args: Args, run):
     # eps=1e-5 as in baselines ppo2; fused=True: one kernel updates every parameter
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     # what a checkpoint holds: --resume and --eval-checkpoint restore it, --save-model writes it
+    state = {"agent": agent, "optimizer": optimizer}
     info = {"backend": envs.backend, "protocol": envs.protocol}
-    run.start(args.num_iterations * args.batch_size, info, agent=agent, optimizer=optimizer)
+    run.start(args.num_iterations * args.batch_size, info, **state)
 
     # --compile: acting and the loss through torch.compile, which fuses their many small operations into a
     # few kernels; --cudagraphs also records them as CUDA graphs. GAE stays eager: its loop over time would
@@ -518,12 +519,9 @@ def train(args: Args, run):
             # obs[t + 1] is the observation returned by step t: with next-step autoreset it is the true
             # next state, the final observation when step t ended an episode.
             next_values = torch.cat([values[1:], next_value[None]])
-            b_rewards, b_terminations, b_dones = (
-                torch.as_tensor(x, device=device) for x in (rewards, terminations, dones)
-            )
-            advantages, returns = compute_gae(
-                b_rewards, values, next_values, b_terminations, b_dones, args.gamma, args.gae_lambda
-            )
+            # the rollout's host buffers, moved to the device once
+            r, term, done = (torch.as_tensor(x, device=device) for x in (rewards, terminations, dones))
+            advantages, returns = compute_gae(r, values, next_values, term, done, args.gamma, args.gae_lambda)
 
         # flatten the batch
         b_obs = obs.reshape((-1,) + envs.single_observation_space.shape)
@@ -1053,6 +1051,11 @@ class Run:
         self.closed = True
         try:
             self._close_training()
+            # strict JSON for every parser: a NaN or infinite number (e.g. the returns of NaN rewards) is null
+            self.summary = {
+                k: None if isinstance(v, float) and not math.isfinite(v) else v
+                for k, v in self.summary.items()
+            }
             self.summary["status"] = self.status
             if self.error:
                 self.summary["error"] = self.error
@@ -1072,7 +1075,7 @@ class Run:
                 import wandb
 
                 wandb.finish()
-            print(json.dumps(self.summary), flush=True)
+            print(json.dumps(self.summary, allow_nan=False), flush=True)
 
 
 def main(args) -> dict:

@@ -920,6 +920,11 @@ class Run:
         self.closed = True
         try:
             self._close_training()
+            # strict JSON for every parser: a NaN or infinite number (e.g. the returns of NaN rewards) is null
+            self.summary = {
+                k: None if isinstance(v, float) and not math.isfinite(v) else v
+                for k, v in self.summary.items()
+            }
             self.summary["status"] = self.status
             if self.error:
                 self.summary["error"] = self.error
@@ -939,7 +944,7 @@ class Run:
                 import wandb
 
                 wandb.finish()
-            print(json.dumps(self.summary), flush=True)
+            print(json.dumps(self.summary, allow_nan=False), flush=True)
 
 
 def main(args) -> dict:

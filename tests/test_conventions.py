@@ -160,9 +160,10 @@ def test_resume_continues_the_run(script, run_dir):
     assert (args.num_envs, args.save_model, args.seed) == (SMALL[script]["num_envs"], False, 1)  # stored args
     second = module.main(args)
     assert second["run_dir"] == first["run_dir"] and second["global_step"] >= 512
-    # counters go on; even without --save-model the checkpoint ends where the resumed run ended
-    assert second["episodes"] > first["episodes"]
+    # counters go on (HalfCheetah's 1000-step episodes may not end in these runs); even without
+    # --save-model the checkpoint ends where the resumed run ended
     after = load_ckpt(ckpt_path)
+    assert second["episodes"] >= first["episodes"] and after["episodes"][""] == second["episodes"]
     assert after["iteration"] > before["iteration"] and after["global_step"] == second["global_step"]
     # Adam's step counts continued from the checkpoint rather than restarting
     steps = sorted({s["step"].item() for s in after["optimizer"]["state"].values()})
