@@ -335,9 +335,8 @@ def train(args: Args, run):
     state = {"agent": agent, "optimizer": optimizer}
     run.start(args.num_iterations * args.batch_size, {"backend": envs.backend}, **state)
 
-    # --compile: acting and the loss through torch.compile, which fuses their many small operations into a
-    # few kernels; --cudagraphs also records them as CUDA graphs. GAE stays eager: its loop over time would
-    # be unrolled into a graph of num_steps steps, which takes minutes to compile for little gain (README).
+    # --compile: torch.compile fuses acting's and the loss's many small operations (--cudagraphs: into CUDA
+    # graphs too). GAE stays eager: its loop over time, unrolled, compiles for minutes, for little (README).
     loss_fn = ppo_loss
     if args.compile or args.cudagraphs:
         mode = "reduce-overhead" if args.cudagraphs else "default"
@@ -350,13 +349,11 @@ def train(args: Args, run):
     obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape, device=device)
     actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)  # (T, N)
     logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, N) log pi_old(a|s)
-    # Rewards and episode ends arrive on the host; they are gathered there and moved to the device once
-    # per rollout instead of once per step. All (T, N) = (num_steps, num_envs).
+    # (T, N) each: rewards and episode ends arrive on the host, are kept there and move to the device once
     rewards = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
     terminations = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)  # true ends: no bootstrap
     dones = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)  # terminated or truncated
-    # valid[t] = 0 marks the autoreset step after an episode end: the env ignored its action, so it
-    # carries no information about the policy and must not enter the loss.
+    # valid[t] = 0: step t is an autoreset step, whose action the env ignored; it must not enter the loss
     valid = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
 
     global_step = run.global_step

@@ -1,16 +1,8 @@
 """PPO for Atari from pixels: ppo.py plus the Atari environment protocol and a convolutional network.
 
-Adds over ppo.py (`diff ppo.py ppo_atari.py` shows exactly this):
-- the Atari details of "The 37 Implementation Details of PPO", done by envpool in C++ (ENVIRONMENT):
-  up to 30 no-ops at reset, frame skip 4 with a max over the last two frames, episodic life (a lost life ends
-  the training episode), FIRE at reset where the game has it, 84x84 grey frames, rewards clipped to their
-  sign for training, a stack of the last 4 frames; the NoFrameskip-v4 protocol (no sticky actions, 108k-frame
-  limit) for `BreakoutNoFrameskip-v4` and `Breakout-v5`, sticky actions (p = 0.25, Machado et al. 2018)
-  for `ALE/Breakout-v5`;
-- the Nature CNN (Mnih et al. 2015) as a trunk shared by the policy and value heads, with pixels scaled
-  to [0, 1] inside the network, so frames are stored as uint8 (4x less memory than float32);
-- the logged episode return is the raw score of a whole game (all lives, unclipped), also when the time
-  limit cuts the game, and one game is never merged with the next.
+Adds over ppo.py: the Atari details of the 37, done by envpool in C++ (make_env lists them; an id picks
+the protocol, atari_task), the Nature CNN as one trunk for policy and value with frames stored as uint8,
+and logged returns that are the raw scores of whole games (game_score), as researchers compare them.
 
 Paper: Schulman et al. 2017, "Proximal Policy Optimization Algorithms", https://arxiv.org/abs/1707.06347
 Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Optimization"
@@ -18,8 +10,8 @@ Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Op
 `ppo_atari_envpool.py`, which follow the PPO paper's Atari settings.
 
 Run:    python ppo_atari.py --env-id BreakoutNoFrameskip-v4 --seed 1
-Expect: a faithful PPO reaches about 400 on Breakout in 10M steps (CleanRL: 415 +- 28); random play scores
-        about 1.1. What a CPU run reaches in a smaller budget is in the README, with the command.
+Expect: about 400 on Breakout after the default 10M steps (CleanRL: 415 +- 28; random play: 1.1); what a
+        CPU run reaches in a smaller budget is in the README's results table (measured, with the command).
 
 Read top to bottom: Args, ENVIRONMENT, NETWORK, ALGORITHM, then train(): the whole algorithm. Below the
 RUN HARNESS fence: checkpoints, signals, logging set-up and the command line, the same in every script.
@@ -31,7 +23,6 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from difflib import get_close_matches
 from typing import Literal, Optional
 
 import gymnasium as gym
@@ -44,7 +35,7 @@ import torch.nn as nn
 @dataclass
 class Args:
     env_id: str = "BreakoutNoFrameskip-v4"  # an Atari id, or a gymnasium id with (4, 84, 84) uint8 frames
-    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"  # auto = envpool for Atari and ids it has
+    env_backend: Literal["auto", "envpool", "gymnasium"] = "auto"  # auto = envpool if it has the id
     total_timesteps: int = 10_000_000  # total environment steps, summed over environments
     learning_rate: float = 2.5e-4  # the learning rate of the Adam optimizer (typical 1e-4 to 1e-3)
     num_envs: int = 8  # the number of parallel environments
@@ -72,8 +63,8 @@ class Args:
     pin_cpu: bool = False  # on CPU, keep the process on one core; off: the CNN uses all cores (README, Speed)
     compile: bool = False  # torch.compile acting and the loss (README, Speed; the first iteration compiles)
     cudagraphs: bool = False  # CUDA only: also record them as CUDA graphs (torch.compile's reduce-overhead)
-    eval_episodes: int = 0  # whole games of greedy play after training; raw score in eval/episodic_return
-    capture_video: bool = False  # record the evaluation games (at least one) to <run>/videos
+    eval_episodes: int = 0  # episodes of greedy play after training, logged as eval/episodic_return
+    capture_video: bool = False  # record the evaluation episodes (at least one) to <run>/videos
     save_model: bool = False  # write <run>/checkpoint.pt every --save-interval iterations and at the end
     save_interval: int = 25  # iterations between checkpoints with `--save-model`
     resume: Optional[str] = None  # a checkpoint to continue from; its args are the defaults, flags override
@@ -119,10 +110,8 @@ def atari_task(env_id: str, envpool):
     if task in envpool.list_all_envs() and isinstance(envpool.make_spec(task), envpool.atari.AtariEnvSpec):
         return task, ("sticky actions" if m["ale"] else "NoFrameskip-v4")
     if m["ale"] or m["version"] == "NoFrameskip-v4":  # unmistakably meant as Atari: name the games
-        games = [e[: -len("-v5")] for e in envpool.list_all_envs() if e.endswith("-v5")]
-        close = get_close_matches(m["game"], games, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UsageError(f"unknown Atari game '{m['game']}' in '{env_id}'{hint}")
+        games = [e.removesuffix("-v5") for e in envpool.list_all_envs() if e.endswith("-v5")]
+        raise unknown_env_id(env_id, [f"{m['ale'] or ''}{game}{m['version']}" for game in games])
     return None  # e.g. Ant-v5: not a game; the generic path below handles it
 
 
@@ -131,21 +120,16 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto", rende
 
     When an episode ends at step t, the observation returned by step t is the FINAL observation of that
     episode; step t+1 ignores its action, resets, and returns reward 0 with the first observation of the
-    next episode. The training loop relies on exactly this, on both backends. With episodic life, an Atari
-    episode is one life: the step after a lost life is such an autoreset step too (envpool then plays
-    1-30 no-ops and FIRE without resetting the game; their rewards, if any, are dropped). `envs.protocol`
-    names the Atari protocol; `envs.whole_games`: episodes are lives and rewards are clipped (game_score).
+    next episode. The training loop relies on exactly this, on both backends. An Atari episode is one life:
+    the step after a lost life is an autoreset step too (envpool plays no-ops and FIRE, the game goes on).
     """
     with contextlib.redirect_stderr(io.StringIO()):
         import envpool  # here, so that importing this script does no work; it prints old gym's notice
 
     atari = atari_task(env_id, envpool)
     if atari is not None:
-        if backend == "gymnasium":
-            raise UsageError(
-                f"'{env_id}' is an Atari id: it runs on envpool, which does the preprocessing "
-                "(--env-backend gymnasium is for gymnasium envs that already give (4, 84, 84) frames)"
-            )
+        if backend == "gymnasium":  # (that backend is for gymnasium ids whose frames are preprocessed)
+            raise UsageError(f"'{env_id}' is an Atari id: it runs on envpool, which does the preprocessing")
         task, protocol = atari
         envs = envpool.make(
             task,
@@ -209,11 +193,9 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto", rende
 
 
 def game_score(envs, reward, terminated, truncated, info):
-    """(raw reward, game over) of one vector step: what the logged episode return adds up. Training episodes
-    are lives and training rewards are clipped, but scores are compared by whole games: envpool reports the
-    unclipped reward in info["reward"] and the real game over in info["terminated"]. A time-limit truncation
-    also ends the game (else the next game's score would be added to this one, as CleanRL's envpool
-    statistics wrapper does). Other envs: the reward and episode end as they are."""
+    """(raw reward, game over) of a step: training episodes are lives with clipped rewards, but a score is a
+    whole game's unclipped rewards (envpool's info); a time-limit cut ends the game too, so that the next
+    game's score is never added to it (CleanRL's envpool statistics wrapper adds it)."""
     if envs.whole_games:
         return info["reward"], info["terminated"].astype(bool) | truncated
     return reward, terminated | truncated
@@ -245,9 +227,8 @@ def check_render(args):
 
 
 def evaluate(agent, env_id, episodes, seed, device, backend, video_folder=None):
-    """Play `episodes` whole games with the greedy policy on a fresh environment of the training protocol
-    (a policy trained with FIRE after each lost life plays the same way); their raw scores. With
-    `video_folder`, each game is written there as an mp4."""
+    """Play `episodes` whole games greedily with the training protocol (FIRE after each lost life, as in
+    training); their raw scores. With `video_folder`, each game is written there as an mp4."""
     envs = make_env(env_id, 1, seed, backend, render=video_folder is not None)
     obs, _ = envs.reset()
     frames = [np.asarray(envs.render()[0])] if video_folder else []
@@ -284,10 +265,8 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 
 class Agent(nn.Module):
-    """The Nature CNN (Mnih et al. 2015) as a trunk shared by a policy head and a value head: half the
-    convolution work, and the value comes with every action. The policy head's 0.01 gain makes the initial
-    policy close to uniform; the value head's gain is 1 (baselines' PPO). Frames arrive as uint8 and become
-    [0, 1] floats here, so the rollout stores uint8."""
+    """The Nature CNN (Mnih et al. 2015), one trunk for a policy head (gain 0.01: a near-uniform start) and a
+    value head (gain 1), so the value comes with every action. uint8 frames become [0, 1] floats here."""
 
     def __init__(self, observation_space, action_space):
         super().__init__()
@@ -305,8 +284,7 @@ class Agent(nn.Module):
         )
         self.actor = layer_init(nn.Linear(512, action_space.n), std=0.01)
         self.critic = layer_init(nn.Linear(512, 1), std=1.0)
-        # Channels-last (NHWC) memory: the CPU convolution kernels are much faster with it (README, Speed);
-        # on a GPU it is neutral or better.
+        # channels-last (NHWC) memory: much faster CPU convolutions (README, Speed), neutral or better on GPUs
         self.to(memory_format=torch.channels_last)
 
     def hidden(self, x):
@@ -441,9 +419,8 @@ def train(args: Args, run):
     info = {"backend": envs.backend, "protocol": envs.protocol}
     run.start(args.num_iterations * args.batch_size, info, **state)
 
-    # --compile: acting and the loss through torch.compile, which fuses their many small operations into a
-    # few kernels; --cudagraphs also records them as CUDA graphs. GAE stays eager: its loop over time would
-    # be unrolled into a graph of num_steps steps, which takes minutes to compile for little gain (README).
+    # --compile: torch.compile fuses acting's and the loss's many small operations (--cudagraphs: into CUDA
+    # graphs too). GAE stays eager: its loop over time, unrolled, compiles for minutes, for little (README).
     loss_fn = ppo_loss
     if args.compile or args.cudagraphs:
         mode = "reduce-overhead" if args.cudagraphs else "default"
@@ -457,13 +434,11 @@ def train(args: Args, run):
     actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)  # (T, N)
     logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, N) log pi_old(a|s)
     values = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, N) V_old(s)
-    # Rewards and episode ends arrive on the host; they are gathered there and moved to the device once
-    # per rollout instead of once per step. All (T, N) = (num_steps, num_envs).
+    # (T, N) each: rewards and episode ends arrive on the host, are kept there and move to the device once
     rewards = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
     terminations = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)  # true ends: no bootstrap
     dones = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)  # terminated or truncated
-    # valid[t] = 0 marks the autoreset step after an episode end: the env ignored its action, so it
-    # carries no information about the policy and must not enter the loss.
+    # valid[t] = 0: step t is an autoreset step, whose action the env ignored; it must not enter the loss
     valid = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
 
     global_step = run.global_step

@@ -1,26 +1,17 @@
 """PPO on Procgen with the IMPALA CNN: ppo_atari.py plus Procgen's games, a deeper network, and a test
 of generalisation to unseen levels.
 
-Adds over ppo_atari.py (`diff ppo_atari.py ppo_procgen_impala.py` shows exactly this):
-- the 16 Procgen games (Cobbe et al. 2020) from the `procgen` module, stepped in C++: procedurally generated
-  levels, 64x64 RGB frames, 15 actions. Training uses `--num-levels` levels from `--start-level` on (0: every
-  level); `--distribution-mode easy|hard`. Procgen's dict observations and old gym step API are adapted in
-  the ENVIRONMENT section only;
-- the IMPALA CNN (Espeholt et al. 2018): three stacks of conv + max-pool + two residual blocks (16, 32, 32
-  channels), then 256 hidden units; `--network nature` puts the Nature CNN of ppo_atari.py on the same input,
-  for comparison (IMPALA is clearly better, most of all on bigfish);
-- the Procgen paper's PPO settings (64 envs x 256 steps, 8 minibatches, 3 epochs, lr 5e-4 constant, gamma
-  0.999), with rewards divided by the running std of the discounted return (ppo_continuous.py's RewardScaler);
-- generalisation: `--num-test-envs` more environments on levels never trained on, played by the same policy
-  alongside training and logged as `charts/test_episodic_return` next to `charts/episodic_return`.
+Adds over ppo_atari.py: the 16 Procgen games (procedurally generated levels, 64x64 RGB frames) adapted in
+ENVIRONMENT only; the IMPALA CNN (`--network nature`: ppo_atari.py's CNN, for comparison); the Procgen
+paper's PPO settings with reward scaling (ppo_continuous.py's RewardScaler); and a test of generalisation:
+`--num-test-envs` environments on levels never trained on, logged as charts/test_episodic_return.
 
 Paper: Cobbe et al. 2020, "Leveraging Procedural Generation to Benchmark Reinforcement Learning",
 https://arxiv.org/abs/1912.01588; IMPALA CNN: Espeholt et al. 2018, https://arxiv.org/abs/1802.01561.
 
 Run:    python ppo_procgen_impala.py --env-id bigfish --seed 1
-Expect: after 25M steps (easy, every level) about 16-20 on bigfish, 31-34 on starpilot, 9 on bossfight
-        (CleanRL 16.5 / 31.0 / 8.9; baselines rerun 20.1 / 34.0 / 9.4). That is a GPU budget; what a CPU
-        run reaches in a smaller budget is in the README, with the command.
+Expect: about 16-20 on bigfish after the default 25M steps (CleanRL: 16.5; baselines: 20.1); what a
+        CPU run reaches in a smaller budget is in the README's results table (measured, with the command).
 
 Read top to bottom: Args, ENVIRONMENT, NETWORK, ALGORITHM, then train(): the whole algorithm. Below the
 RUN HARNESS fence: checkpoints, signals, logging set-up and the command line, the same in every script.
@@ -31,7 +22,6 @@ import io
 import os
 import warnings
 from dataclasses import dataclass, field
-from difflib import get_close_matches
 from typing import Literal, Optional
 
 import gymnasium as gym
@@ -124,30 +114,22 @@ def procgen_game(env_id: str):
     if name in PROCGEN_GAMES:
         return name
     if env_id.startswith(("procgen-", "procgen:")):  # unmistakably meant as Procgen: name the games
-        close = get_close_matches(name, PROCGEN_GAMES, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; the games: {' '.join(PROCGEN_GAMES)}"
-        raise UsageError(f"unknown Procgen game '{name}' in '{env_id}'{hint}")
+        raise unknown_env_id(env_id, [f"procgen-{game}-v0" for game in PROCGEN_GAMES])
     return None
 
 
 def levels(args, test=False):
-    """make_env's Procgen arguments: the training levels, or (test) the unseen levels of the test: every
-    level from the first one after the training levels on (with --num-levels 0 the training levels are all
-    levels, and the test plays levels drawn the same way)."""
+    """make_env's Procgen arguments: the training levels, or (test) every level after them (with
+    --num-levels 0, training plays every level, and the test draws its levels the same way)."""
     start_level = args.start_level + args.num_levels if test else args.start_level
     num_levels = 0 if test else args.num_levels
     return dict(num_levels=num_levels, start_level=start_level, distribution_mode=args.distribution_mode)
 
 
 class ProcgenVectorEnv:
-    """procgen's ProcgenEnv in the vector API the training loop uses (reset, step, render, close, spaces).
-
-    procgen steps its games in C++ and speaks the old gym VecEnv API: observations are dicts {"rgb": frames},
-    step() returns (obs, reward, done, infos), and a finished episode is reset INSIDE the step that ends it:
-    that step returns the first frame of the next level, and the final frame is never shown. So, unlike
-    envpool and gymnasium, there is no autoreset step whose action is ignored (`autoreset_next_step` is
-    False), and every `done` is a termination: procgen's time-outs are part of the game, as in the paper.
-    """
+    """procgen's ProcgenEnv (old gym VecEnv API, dict observations) in the training loop's vector API. It
+    resets a finished episode INSIDE the step that ends it (the final frame is never shown), so no step is
+    an autoreset step, and every `done` is a termination: its time-outs are part of the game (the paper)."""
 
     autoreset_next_step = False
 
@@ -194,8 +176,7 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto", rende
     When an episode ends at step t, the observation returned by step t is the FINAL observation of that
     episode; step t+1 ignores its action, resets, and returns reward 0 with the first observation of the
     next episode. The training loop relies on exactly this, on both backends. Procgen games reset within
-    step t instead (ProcgenVectorEnv): `envs.autoreset_next_step` tells the loop which kind it has.
-    `levels` (num_levels, start_level, distribution_mode) choose a Procgen game's levels; others ignore them.
+    step t (`envs.autoreset_next_step` is False), on their `levels` (other envs ignore them).
     """
     game = procgen_game(env_id)
     if game is not None:
@@ -586,9 +567,8 @@ def train(args: Args, run):
     info = {"backend": envs.backend, "protocol": envs.protocol}
     run.start(args.num_iterations * args.batch_size, info, **state)
 
-    # --compile: acting and the loss through torch.compile, which fuses their many small operations into a
-    # few kernels; --cudagraphs also records them as CUDA graphs. GAE stays eager: its loop over time would
-    # be unrolled into a graph of num_steps steps, which takes minutes to compile for little gain (README).
+    # --compile: torch.compile fuses acting's and the loss's many small operations (--cudagraphs: into CUDA
+    # graphs too). GAE stays eager: its loop over time, unrolled, compiles for minutes, for little (README).
     loss_fn = ppo_loss
     if args.compile or args.cudagraphs:
         mode = "reduce-overhead" if args.cudagraphs else "default"
@@ -602,13 +582,11 @@ def train(args: Args, run):
     actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)  # (T, N)
     logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, N) log pi_old(a|s)
     values = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, N) V_old(s)
-    # Rewards and episode ends arrive on the host; they are gathered there and moved to the device once
-    # per rollout instead of once per step. All (T, N) = (num_steps, num_envs).
+    # (T, N) each: rewards and episode ends arrive on the host, are kept there and move to the device once
     rewards = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
     terminations = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)  # true ends: no bootstrap
     dones = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)  # terminated or truncated
-    # valid[t] = 0 marks the autoreset step after an episode end: the env ignored its action, so it
-    # carries no information about the policy and must not enter the loss.
+    # valid[t] = 0: step t is an autoreset step, whose action the env ignored; it must not enter the loss
     valid = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
 
     global_step = run.global_step

@@ -101,9 +101,12 @@ SCRIPT_BAD_INPUT = {
         CUDAGRAPHS_ON_CPU,
         (
             ["--env-id", "BreakotNoFrameskip-v4"],
-            "unknown Atari game 'Breakot' in 'BreakotNoFrameskip-v4'; did",
+            "unknown environment id 'BreakotNoFrameskip-v4'; did you mean BreakoutNoFrameskip-v4?",
         ),
-        (["--env-id", "ALE/Breakot-v5"], "unknown Atari game 'Breakot' in 'ALE/Breakot-v5'; did you mean"),
+        (
+            ["--env-id", "ALE/Breakot-v5"],
+            "unknown environment id 'ALE/Breakot-v5'; did you mean ALE/Breakout-v5",
+        ),
         (["--env-id", "Breakout-v5", "--env-backend", "gymnasium"], "is an Atari id: it runs on envpool"),
         (["--num-minibatches", "3"], "must divide the batch size"),
     ],
@@ -111,7 +114,7 @@ SCRIPT_BAD_INPUT = {
         CUDAGRAPHS_ON_CPU,
         (
             ["--env-id", "procgen-bigfsh-v0"],
-            "unknown Procgen game 'bigfsh' in 'procgen-bigfsh-v0'; did you mean",
+            "unknown environment id 'procgen-bigfsh-v0'; did you mean procgen-bigfish-v0",
         ),
         (["--env-id", "bigfsh"], "unknown environment id 'bigfsh'; did you mean bigfish"),
         (["--num-levels", "-1"], "--num-levels must be >= 0"),

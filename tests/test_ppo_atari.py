@@ -129,7 +129,9 @@ def test_ids_that_are_not_atari_games():
 
     assert ppo_atari.atari_task("Ant-v5", envpool) is None  # envpool has it, but it is MuJoCo
     assert ppo_atari.atari_task("probe_envs:Probe1Atari-v0", envpool) is None
-    with pytest.raises(ppo_atari.UsageError, match="unknown Atari game 'Pongg'.*did you mean Pong"):
+    with pytest.raises(
+        ppo_atari.UsageError, match="unknown environment id 'PonggNoFrameskip-v4'.*PongNoFrameskip-v4"
+    ):
         ppo_atari.atari_task("PonggNoFrameskip-v4", envpool)
 
 
