@@ -477,6 +477,7 @@ import tyro
 
 SCRIPT = os.path.basename(__file__)
 CHECKPOINT_FORMAT = "rl-scripts checkpoint v2"
+CHECKPOINT_KEYS = ("script", "args", "global_step", "iteration", "episodes", "returns", "schedule", "rng")
 # Argument ranges, by field name (each script has some of these fields): (test, what the value must be).
 RULES = {
     **dict.fromkeys(
@@ -572,6 +573,11 @@ def load_checkpoint(path: str) -> dict:
             raise UsageError(f"cannot read checkpoint '{path}': {one_line(e)}") from e
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise UsageError(f"'{path}' is not a checkpoint of these scripts (or of an older version)")
+        missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] + [
+            k for k in ("args",) if not isinstance(ckpt.get(k), dict)
+        ]
+        if missing:
+            raise UsageError(f"checkpoint '{path}' is incomplete: no {', '.join(dict.fromkeys(missing))}")
         if ckpt["script"] != SCRIPT:
             raise UsageError(f"'{path}' was not written by this script ({SCRIPT}) but by {ckpt['script']}")
         _loaded.clear()
@@ -602,7 +608,7 @@ def write_json(path: str, obj: dict):
     write_atomically(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def rng_state() -> dict:
+def rng_state(device) -> dict:
     """Every random generator's state, in types that `weights_only` loading accepts."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -610,7 +616,7 @@ def rng_state() -> dict:
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
+    if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -620,8 +626,9 @@ def set_rng_state(state: dict):
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])  # a CPU ByteTensor, as loaded
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():  # the GPUs that exist here (a checkpoint may come from a larger machine)
+        for i, cuda_state in enumerate(state.get("cuda", [])[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, i)
 
 
 class Run:
@@ -663,7 +670,7 @@ class Run:
         self.path = self.writer = self.bar = None
         self.status, self.error, self.stop_signal = "finished", None, None
         self.info, self.summary, self.closed = {}, None, False
-        self.start_time, self.start_step = time.time(), self.global_step
+        self.start_time, self.start_step = time.time(), self.global_step  # (again when training starts)
 
     @staticmethod
     def _check_wandb_login():
@@ -710,18 +717,19 @@ class Run:
                 # a new budget or a new rate: from the rate reached (or the new one) to 0 over what remains
                 self.schedule = [self.global_step, 1.0 if new_rate else self.last_fraction or 1.0, steps]
             self.path = os.path.dirname(os.path.abspath(args.resume))
+        else:
+            self.schedule = [0, 1.0, steps]
+            self.path = self._make_run_dir()
+        self._open_logs()
+        if ckpt is not None:  # the resume and what it changed go on record; args.json keeps the first start
             given = {k: v for k, v in self.args_dict().items() if k not in ("resume", "eval_checkpoint")}
-            changed = {k: [stored.get(k), v] for k, v in given.items() if stored.get(k) != v}
+            changed = {k: [ckpt["args"].get(k), v] for k, v in given.items() if ckpt["args"].get(k) != v}
             record = {"global_step": self.global_step, "iteration": self.iteration, "changed": changed}
             try:
                 with open(os.path.join(self.path, "resumes.jsonl"), "a") as f:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:
-                raise UsageError(f"--resume: cannot write in '{self.path}': {e.strerror}") from e
-        else:
-            self.schedule = [0, 1.0, steps]
-            self.path = self._make_run_dir()
-        self._open_logs()
+                raise RunFailed((e.strerror or "write error").lower(), f"cannot write in {self.path}") from e
         self.writer.add_text("environment", f"{args.env_id}: " + ", ".join(map(str, self.info.values())))
         where = ", ".join(map(str, self.info.values()))
         print(f"run: {self.path}  env: {args.env_id} ({where})  device: {self.device}", flush=True)
@@ -729,7 +737,8 @@ class Run:
 
     def iterations(self):
         """Iteration numbers, 1, 2, ... (continuing after a resume), until the budget of steps is spent or
-        a stop signal arrived. Each iteration ends with run.log(); every --save-interval, a checkpoint."""
+        a stop signal arrived. Each iteration ends with run.log(); with --save-model, a checkpoint follows
+        every --save-interval iterations."""
         while self.path is not None and self.global_step < self.steps and self.stop_signal is None:
             self.iteration += 1
             step_before = self.global_step
@@ -738,7 +747,7 @@ class Run:
                 raise RuntimeError("train() must call run.log(global_step, ...) once in every iteration")
             if self.args.save_model and self.iteration % self.args.save_interval == 0:
                 self.save_checkpoint()
-        if self.stop_signal is not None and self.global_step < self.steps:
+        if self.stop_signal is not None and self.path is not None and self.global_step < self.steps:
             self.status = "interrupted"
 
     def annealed(self, rate: float) -> float:
@@ -813,7 +822,8 @@ class Run:
         progress = {"global_step": self.global_step, "iteration": self.iteration, "episodes": self.episodes}
         progress.update(returns={k: list(v) for k, v in self.returns.items()}, schedule=self.schedule)
         state = {name: obj.state_dict() for name, obj in self.state.items()}
-        meta = {"format": CHECKPOINT_FORMAT, "script": SCRIPT, "args": self.args_dict(), "rng": rng_state()}
+        meta = {"format": CHECKPOINT_FORMAT, "script": SCRIPT, "args": self.args_dict()}
+        meta["rng"] = rng_state(self.device)
         buffer = io.BytesIO()
         torch.save({**meta, **progress, "last_fraction": self.last_fraction, **state}, buffer)
         write_atomically(self.checkpoint_path, buffer.getvalue())
@@ -824,14 +834,16 @@ class Run:
             r"[^A-Za-z0-9_.\-]", "-", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
         )
         path, n = os.path.join(args.run_dir, name), 1
-        while os.path.exists(path):  # two runs started in the same second
-            path, n = os.path.join(args.run_dir, f"{name}-{n}"), n + 1
-        try:
-            os.makedirs(path)
-        except OSError as e:
-            raise UsageError(f"--run-dir: cannot create '{path}': {e.strerror}") from e
-        try:
-            write_json(os.path.join(path, "args.json"), self.args_dict())
+        while True:
+            try:
+                os.makedirs(path)
+                break
+            except FileExistsError:  # another run started in the same second
+                path, n = os.path.join(args.run_dir, f"{name}-{n}"), n + 1
+            except OSError as e:
+                raise UsageError(f"--run-dir: cannot create '{path}': {e.strerror}") from e
+        try:  # every argument, derived sizes included
+            write_json(os.path.join(path, "args.json"), {f.name: getattr(args, f.name) for f in fields(args)})
         except RunFailed as e:
             shutil.rmtree(path, ignore_errors=True)
             raise UsageError(f"--run-dir: {e}") from e
@@ -905,7 +917,8 @@ class Run:
         if self.status == "already finished":  # the run's own record, untouched
             with contextlib.suppress(OSError, ValueError):
                 with open(os.path.join(self.summary["run_dir"], "summary.json")) as f:
-                    self.summary = {**json.load(f), "status": self.status}
+                    old = {k: v for k, v in json.load(f).items() if k not in ("signal", "error")}
+                    self.summary = {**old, "status": self.status}
         if self.path is None or self.status == "already finished":
             return
         healthy = self.status in ("finished", "interrupted")
@@ -913,104 +926,129 @@ class Run:
             self.save_checkpoint()
         write_json(os.path.join(self.path, "summary.json"), self.summary)
 
+    def fail_at_close(self, e: RunFailed):
+        """A failure while closing: it names the status, unless an earlier failure already did."""
+        if self.error is None:
+            self.status, self.error = e.status, str(e)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+
     def close(self):
-        """The end, whatever happened: summary.json (again, with the evaluation), the logs, the JSON line."""
+        """The end, whatever happened: the checkpoint and summary.json (again, with the evaluation), the logs,
+        and the JSON line, printed last and always."""
         if self.closed:
             return
         self.closed = True
         try:
             self._close_training()
-            # strict JSON for every parser: a NaN or infinite number (e.g. the returns of NaN rewards) is null
-            self.summary = {
-                k: None if isinstance(v, float) and not math.isfinite(v) else v
-                for k, v in self.summary.items()
-            }
-            self.summary["status"] = self.status
-            if self.error:
-                self.summary["error"] = self.error
-            if self.stop_signal is not None:
-                self.summary["signal"] = signal.Signals(self.stop_signal).name
-            if self.path is not None and self.status != "already finished":
-                write_json(os.path.join(self.path, "summary.json"), self.summary)
-        except RunFailed as e:  # e.g. the disk is full: the status says so, the JSON line still comes
-            if self.error is None:  # (not when that same failure stopped the run: it was reported)
-                self.status, self.error = e.status, str(e)
-                self.summary.update(status=e.status, error=str(e))
-                print(f"error: {e}", file=sys.stderr, flush=True)
-        finally:
-            if self.writer is not None:
-                self.writer.close()
-            if self.args.track and self.path is not None:
-                import wandb
+        except RunFailed as e:
+            self.fail_at_close(e)
+        for finish in (self.writer.close if self.writer else None, self._finish_wandb):
+            try:
+                if finish is not None:
+                    finish()
+            except Exception as e:  # e.g. the disk filled up while TensorBoard flushed its events
+                self.fail_at_close(RunFailed("logs not written", f"cannot write the logs: {one_line(e)}"))
+        # strict JSON for every parser: a NaN or infinite number (e.g. the returns of NaN rewards) is null
+        summary = {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in self.summary.items()
+        }
+        summary["status"] = self.status
+        if self.error:
+            summary["error"] = self.error
+        if self.stop_signal is not None:
+            summary["signal"] = signal.Signals(self.stop_signal).name
+        self.summary = summary
+        if self.path is not None and self.status != "already finished":
+            try:
+                write_json(os.path.join(self.path, "summary.json"), summary)
+            except RunFailed as e:
+                self.fail_at_close(e)
+                summary.update(status=self.status, error=self.error)
+        print(json.dumps(summary, allow_nan=False), flush=True)
 
-                wandb.finish()
-            print(json.dumps(self.summary, allow_nan=False), flush=True)
+    def _finish_wandb(self):
+        if self.args.track and self.path is not None:
+            import wandb
+
+            wandb.finish()
 
 
 def main(args) -> dict:
     """train(args, run) inside the harness. Returns the summary, also printed as the last stdout line; its
-    "status" says how the run ended (cli() maps it to the exit code). Bad input raises UsageError first."""
-    run = Run(args)
+    "status" says how the run ended (cli() maps it to the exit code). Bad input raises UsageError first.
+
+    SIGINT and SIGTERM: the first asks the run to stop after the current iteration (during evaluation, it
+    stops the evaluation at once); a second one quits at once. While the run closes (checkpoint, summary,
+    JSON line), signals are only recorded: nothing can cut the last line off."""
+    run = None
 
     def on_signal(signum, frame):
-        if run.stop_signal is not None or run.status == "evaluation interrupted":
+        if run is not None and run.closed:
+            run.stop_signal = run.stop_signal or signum
+            return
+        if run is None or run.stop_signal is not None or run.status == "evaluation interrupted":
             raise Interrupted(signum)
         run.stop_signal = signum
         name = signal.Signals(signum).name
-        print(
-            f"\n{name}: finishing this iteration, then saving a checkpoint ({name} again quits now)",
-            flush=True,
-        )
+        # os.write, not print: a signal can arrive while the loop is inside a print of its own
+        message = f"\n{name}: finishing this iteration, then saving a checkpoint ({name} again quits now)\n"
+        os.write(2, message.encode())
 
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        train(args, run)
-    except RunFailed as e:
-        run.status, run.error = e.status, str(e)
-        print(f"error: {e}", file=sys.stderr, flush=True)
-    except Interrupted as e:  # a second signal, or one during evaluation
-        run.stop_signal = run.stop_signal or e.signum
-        if run.status != "evaluation interrupted":
-            run.status = "aborted"  # no checkpoint: the user asked to quit now
-        print(f"\n{e.args[0]}: stopped", file=sys.stderr, flush=True)
-    except UsageError:
-        if run.path is not None and not run.args.resume:
-            shutil.rmtree(run.path, ignore_errors=True)  # a run that never started leaves nothing behind
-        raise
-    except Exception:  # a bug: its traceback follows, after the summary of what the run had done
-        run.status = "crashed"
+        run = Run(args)
+        try:
+            train(args, run)
+        except RunFailed as e:
+            run.status, run.error = e.status, str(e)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        except Interrupted as e:  # a second signal, or one during evaluation
+            run.stop_signal = run.stop_signal or e.signum
+            if run.status != "evaluation interrupted":
+                run.status = "aborted"  # no checkpoint: the user asked to quit now
+            print(f"\n{e.args[0]}: stopped", file=sys.stderr, flush=True)
+        except UsageError:
+            if run.path is not None and not args.resume:
+                shutil.rmtree(run.path, ignore_errors=True)  # a run that never started leaves nothing behind
+            raise
+        except Exception:  # a bug: its traceback follows the summary of what the run had done
+            run.status = "crashed"
+            run.close()
+            raise
+        if run.status == "already finished":
+            where = os.path.dirname(os.path.abspath(args.resume))
+            print(
+                f"already finished: {where} is at step {run.global_step} of {run.steps}; nothing to do "
+                "(a larger --total-timesteps continues it)",
+                file=sys.stderr,
+            )
         run.close()
-        raise
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    if run.status == "already finished":
-        where = os.path.dirname(os.path.abspath(args.resume))
-        print(
-            f"already finished: {where} is at step {run.global_step} of {run.steps}; nothing to do "
-            "(a larger --total-timesteps continues it)",
-            file=sys.stderr,
-        )
-    run.close()
     return run.summary
 
 
 def parse_args(argv=None) -> "Args":
     """tyro parsing; with --resume or --eval-checkpoint, the checkpoint's arguments are the defaults and the
-    flags given override them."""
+    flags given override them. An evaluation does not inherit the run's logging, saving or video flags."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    for flag in ("--resume", "--eval-checkpoint"):
-        path = next((a.split("=", 1)[1] for a in argv if a.startswith(flag + "=")), None)
-        if path is None and flag in argv and argv.index(flag) + 1 < len(argv):
-            path = argv[argv.index(flag) + 1]
+    for flag in ("resume", "eval_checkpoint"):
+        path = None
+        for i, arg in enumerate(argv):  # --resume PATH, --resume=PATH, --eval_checkpoint PATH, ...
+            name, equals, value = arg.partition("=")
+            if name.lstrip("-").replace("-", "_") == flag and name.startswith("--"):
+                path = value if equals else (argv[i + 1] if i + 1 < len(argv) else None)
         if path is not None and os.path.isfile(path):
             break
     else:
         return tyro.cli(Args, args=argv)
     stored = load_checkpoint(path)["args"]
-    given = {"resume": None, "eval_checkpoint": None, flag[2:].replace("-", "_"): path}
+    given = {"resume": None, "eval_checkpoint": None, flag: path}
+    if flag == "eval_checkpoint":
+        given.update(track=False, save_model=False, capture_video=False)
     try:
         default = Args(**{**stored, **given})
     except TypeError as e:
@@ -1020,17 +1058,24 @@ def parse_args(argv=None) -> "Args":
 
 
 def cli() -> int:
-    """The exit code: 0 for a finished run, 128 + the signal's number after a stop signal (130 for SIGINT,
-    143 for SIGTERM, as a shell reports them), 1 for any failure."""
+    """The exit code: 0 for a finished run (also one already finished), 128 + the signal's number for a run
+    stopped by a signal (130 for SIGINT, 143 for SIGTERM, as a shell reports them), 1 for any failure."""
     try:
         summary = main(parse_args())
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         print(json.dumps({"status": "usage error", "error": str(e)}), flush=True)
         return 1
-    if "signal" in summary:
+    except (Interrupted, KeyboardInterrupt) as e:  # before the run started: nothing to save
+        name = e.args[0] if isinstance(e, Interrupted) else "SIGINT"
+        print(f"{name}: stopped before the run started", file=sys.stderr, flush=True)
+        print(json.dumps({"status": "aborted", "signal": name}), flush=True)
+        return 128 + signal.Signals[name].value
+    if summary["status"] in ("finished", "already finished"):
+        return 0
+    if summary["status"] in ("interrupted", "evaluation interrupted", "aborted"):
         return 128 + signal.Signals[summary["signal"]].value
-    return 0 if summary["status"] in ("finished", "already finished") else 1
+    return 1
 
 
 if __name__ == "__main__":

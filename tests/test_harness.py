@@ -85,6 +85,29 @@ def test_a_checkpoint_is_read_once_on_the_cpu(run_dir, monkeypatch):
     assert all(v.device.type == "cpu" for v in ckpt["agent"].values())
 
 
+def test_an_incomplete_checkpoint_is_one_line(tmp_path):
+    torch.save({"format": ppo.CHECKPOINT_FORMAT}, tmp_path / "bare.pt")
+    for flag in ("--resume", "--eval-checkpoint"):
+        proc = run_cli("ppo.py", flag, tmp_path / "bare.pt", "--run-dir", tmp_path / "runs")
+        one_error_line(proc, "is incomplete: no script, args")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_checkpoint_flags_in_every_spelling_take_the_stored_arguments(run_dir):
+    """tyro takes --eval_checkpoint and --resume=PATH too; so must the reading of the stored arguments. An
+    evaluation does not inherit the run's saving, logging or video flags."""
+    _, path = first_run(run_dir, seed=7)
+    for argv in (
+        ["--resume", path],
+        [f"--resume={path}"],
+        ["--eval_checkpoint", path],
+        [f"--eval-checkpoint={path}"],
+    ):
+        args = ppo.parse_args(argv)
+        assert args.seed == 7 and args.num_steps == 32, argv
+        assert args.save_model == ("--resume" in argv[0]), argv
+
+
 def test_a_checkpoint_for_other_shapes_is_one_line(run_dir):
     summary, path = first_run(run_dir)
     before = snapshot(summary["run_dir"])
