@@ -101,7 +101,7 @@ SCRIPT_BAD_INPUT = {
         CUDAGRAPHS_ON_CPU,
         (
             ["--env-id", "BreakotNoFrameskip-v4"],
-            "unknown environment id 'BreakotNoFrameskip-v4'; did you mean BreakoutNoFrameskip-v4?",
+            "unknown environment id 'BreakotNoFrameskip-v4'; did you mean BreakoutNoFrameskip-v4",
         ),
         (
             ["--env-id", "ALE/Breakot-v5"],
