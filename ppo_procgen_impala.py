@@ -746,9 +746,20 @@ RULES = {
         ("eval_episodes", "num_test_envs", "num_levels", "start_level"), (lambda v: v >= 0, ">= 0")
     ),
     **dict.fromkeys(("gamma", "gae_lambda"), (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")),
-    **dict.fromkeys(("learning_rate", "value_learning_rate"), (lambda v: v > 0, "> 0")),
-    "max_grad_norm": (lambda v: v is None or v > 0, "> 0"),
+    **dict.fromkeys(("learning_rate", "value_learning_rate", "clip_coef"), (lambda v: v > 0, "> 0")),
+    **dict.fromkeys(("max_grad_norm", "target_kl"), (lambda v: v is None or v > 0, "> 0 (or None: off)")),
+    **dict.fromkeys(("ent_coef", "vf_coef"), (lambda v: v >= 0, ">= 0")),
 }
+# Ids that another script of this repository runs: (pattern, what they are, the script).
+OTHER_IDS = (
+    (r"ALE/[A-Za-z0-9]+-v5|[A-Za-z0-9]+NoFrameskip-v4", "an Atari id", "ppo_atari.py"),
+    (
+        r"(procgen[-:])?(bigfish|bossfight|caveflyer|chaser|climber|coinrun|dodgeball|fruitbot|heist|jumper"
+        r"|leaper|maze|miner|ninja|plunder|starpilot)(-v0)?",
+        "a Procgen game",
+        "ppo_procgen_impala.py",
+    ),
+)
 
 
 class UsageError(Exception):
@@ -788,7 +799,10 @@ def check_args(args):
 
 
 def unknown_env_id(env_id: str, known) -> UsageError:
-    """The error for an id that no backend has, with the closest known ids."""
+    """The error for an id that no backend has: the script that runs it, or the closest known ids."""
+    for pattern, what, script in OTHER_IDS:
+        if script != SCRIPT and re.fullmatch(pattern, env_id):
+            return UsageError(f"'{env_id}' is {what}: {script} runs it, not {SCRIPT}")
     close = list(dict.fromkeys(difflib.get_close_matches(env_id.split(":")[-1], known, n=3)))
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return UsageError(f"unknown environment id '{env_id}'{hint}")
@@ -896,7 +910,13 @@ class Run:
         self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         # --pin-cpu first, so that every thread started later inherits the core: envpool steps the
         # environments in worker threads, and a hand-off to another core costs more than a small env step.
-        self.cpu_core = pin_to_current_core() if args.pin_cpu and self.device.type == "cpu" else None
+        pin = args.pin_cpu and self.device.type == "cpu"
+        if pin and args.torch_threads > 1:
+            raise UsageError(
+                f"--pin-cpu holds the run to one core, where {args.torch_threads} torch threads would spin "
+                "against each other: add --no-pin-cpu, or use --torch-threads 1"
+            )
+        self.cpu_core = pin_to_current_core() if pin else None
         torch.set_num_threads(args.torch_threads)
         random.seed(args.seed)
         np.random.seed(args.seed)
@@ -906,10 +926,15 @@ class Run:
         if getattr(args, "cudagraphs", False) and self.device.type != "cuda":
             raise UsageError("--cudagraphs needs a CUDA device (CUDA graphs replay GPU kernels)")
         if args.capture_video:
+            # moviepy's ffmpeg helper warns on import about its own use of setuptools' pkg_resources
+            warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
             try:
                 import moviepy  # noqa: F401  (the videos are written with it)
             except ImportError as e:
                 raise UsageError("--capture-video needs moviepy: pip install -e '.[video]'") from e
+            # frames are rendered off-screen (rgb_array): SDL (pygame) needs no window, and without this it
+            # prints an error line about a missing XDG_RUNTIME_DIR on a machine without a desktop
+            os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
         if args.track:
             self._check_wandb_login()
         self.checkpoint = (
@@ -990,6 +1015,8 @@ class Run:
         self.writer.add_text("environment", f"{args.env_id}: " + ", ".join(map(str, self.info.values())))
         where = ", ".join(map(str, self.info.values()))
         print(f"run: {self.path}  env: {args.env_id} ({where})  device: {self.device}", flush=True)
+        if steps < args.total_timesteps:  # whole iterations only: say so rather than stop short in silence
+            print(f"budget: {steps} steps (--total-timesteps {args.total_timesteps}, in whole iterations)")
         self.start_time, self.start_step = time.time(), self.global_step
 
     def iterations(self):

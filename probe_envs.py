@@ -316,6 +316,11 @@ def main(argv=None) -> int:
         for p in probes
         if args.probes is None or p in args.probes
     ]
+    if not jobs:  # checking nothing is no pass
+        fitting = sorted({p for s in scripts for probes in SCRIPTS[s].families.values() for p in probes})
+        asked = ", ".join(map(str, args.probes))
+        print(f"error: probe {asked} fits none of {', '.join(scripts)} (they run {fitting})", file=sys.stderr)
+        return 2
     run_dir = args.keep or tempfile.mkdtemp(prefix="probes-")
     try:
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -336,7 +341,7 @@ def main(argv=None) -> int:
                 f"{script:<24}{env_id:<22}{name:<18}{want:>10.3f}{got:>10.3f}{tol:>7.2f}  {'ok' if ok else 'FAIL'}"
             )
     print(f"probes: {passed} passed, {failures} failed")
-    return 1 if failures else 0
+    return 1 if failures or not passed else 0
 
 
 if __name__ == "__main__":

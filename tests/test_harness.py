@@ -286,3 +286,58 @@ def test_wandb_without_a_login_fails_before_writing(tmp_path):
     )
     one_error_line(proc, "not logged in to Weights & Biases")
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------- input
+@pytest.mark.parametrize(
+    "field, value",
+    [("clip_coef", -1.0), ("clip_coef", 0.0), ("max_grad_norm", 0.0), ("max_grad_norm", -1.0)]
+    + [("target_kl", -1.0), ("ent_coef", -0.01), ("vf_coef", -1.0), ("learning_rate", float("inf"))],
+)
+def test_meaningless_values_are_refused(field, value):
+    with pytest.raises(ppo.UsageError, match=f"--{field.replace('_', '-')} must be"):
+        ppo.Args(**{field: value})
+
+
+def test_a_rounded_budget_is_said_and_ids_name_the_script_that_runs_them(run_dir):
+    proc = run_cli("ppo.py", "--total-timesteps", "1000", "--run-dir", run_dir, "--no-progress")
+    assert proc.returncode == 0 and "budget: 512 steps (--total-timesteps 1000" in proc.stdout
+    assert last_json(proc.stdout)["global_step"] == 512
+    with pytest.raises(ppo.UsageError, match="'BreakoutNoFrameskip-v4' is an Atari id: ppo_atari.py runs it"):
+        ppo.make_env("BreakoutNoFrameskip-v4", 1, 0)
+    with pytest.raises(ppo.UsageError, match="'bigfish' is a Procgen game: ppo_procgen_impala.py runs it"):
+        ppo.make_env("bigfish", 1, 0)
+    message = str(ppo.unknown_env_id("CartPol-v1", ["CartPole-v1", "CartPole-v1", "CartPole-v0"]))
+    assert message.endswith("did you mean CartPole-v1, CartPole-v0?")  # each suggestion once
+
+
+def test_pinning_one_core_with_several_torch_threads_is_refused(run_dir):
+    """Two torch threads on one pinned core spin against each other (a 20k-step run took minutes, not
+    seconds): the combination is one line, and --no-pin-cpu runs."""
+    proc = run_cli("ppo.py", "--torch-threads", "2", "--run-dir", run_dir)
+    one_error_line(proc, "--pin-cpu holds the run to one core")
+    flags = ["--torch-threads", "2", "--no-pin-cpu", "--total-timesteps", "1024", "--run-dir", run_dir]
+    assert run_cli("ppo.py", *flags, timeout=120).returncode == 0
+
+
+def test_video_runs_print_nothing_on_stderr(run_dir):
+    pytest.importorskip("moviepy", reason="--capture-video needs moviepy (the [video] extra)")
+    env = {k: v for k, v in os.environ.items() if k not in ("SDL_VIDEODRIVER", "XDG_RUNTIME_DIR")}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "ppo.py"), "--capture-video", "--total-timesteps", "256"]
+        + ["--num-steps", "32", "--run-dir", run_dir],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": ROOT},
+        timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert os.listdir(os.path.join(last_json(proc.stdout)["run_dir"], "videos"))
+
+
+def test_the_probe_runner_fails_when_it_checks_nothing():
+    import probe_envs
+
+    assert probe_envs.main(["--scripts", "ppo.py", "--probes", "9"]) == 2
+    assert probe_envs.main(["--scripts", "reinforce.py", "--probes", "1"]) == 2  # REINFORCE runs 4 and 5
