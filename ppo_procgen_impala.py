@@ -1,10 +1,10 @@
 """PPO on Procgen with the IMPALA CNN: ppo_atari.py plus Procgen's games, a deeper network, and a test
-of generalisation to unseen levels.
+of generalisation on the full level distribution.
 
 Adds over ppo_atari.py: the 16 Procgen games (procedurally generated levels, 64x64 RGB frames) adapted in
 ENVIRONMENT only; the IMPALA CNN (`--network nature`: ppo_atari.py's CNN, for comparison); the Procgen
 paper's PPO settings with reward scaling (ppo_continuous.py's RewardScaler); and a test of generalisation:
-`--num-test-envs` environments on levels never trained on, logged as charts/test_episodic_return.
+`--num-test-envs` environments on the paper's test levels, logged as charts/test_episodic_return.
 
 Paper: Cobbe et al. 2020, "Leveraging Procedural Generation to Benchmark Reinforcement Learning",
 https://arxiv.org/abs/1912.01588; IMPALA CNN: Espeholt et al. 2018, https://arxiv.org/abs/1802.01561.
@@ -38,7 +38,9 @@ class Args:
     distribution_mode: Literal["easy", "hard"] = "easy"  # difficulty (the paper: easy 25M steps, hard 200M)
     num_levels: int = 0  # training levels from --start-level; 0: all levels (200: the paper's generalisation)
     start_level: int = 0  # the first training level
-    num_test_envs: int = 16  # environments on unseen levels, played alongside training; 0: none
+    num_test_envs: int = (
+        16  # environments on the test levels (every level), played alongside training; 0: none
+    )
     network: Literal["impala", "nature"] = "impala"  # the CNN: IMPALA's, or the Nature CNN for comparison
     total_timesteps: int = 25_000_000  # total environment steps, summed over environments
     learning_rate: float = 5e-4  # the learning rate of the Adam optimizer (typical 1e-4 to 1e-3)
@@ -56,8 +58,12 @@ class Args:
     vf_coef: float = 0.5  # the coefficient of the value loss
     max_grad_norm: float = 0.5  # the maximum norm of the gradient; larger gradients are scaled down to it
     target_kl: Optional[float] = None  # stop an update's epochs above this mean approx KL (0.01 to 0.05)
-    bootstrap_truncation: bool = True  # bootstrap time-limit ends from V(final obs); off: as terminations
-    norm_reward: bool = True  # divide rewards by the running std of discounted returns (clipped to [-10, 10])
+    bootstrap_truncation: bool = True
+    """bootstrap a time-limit end from V(final obs); other envs only: Procgen games never truncate (their
+    time-outs are terminations, as in the paper)"""
+    norm_reward: bool = True
+    """divide rewards by the running std of the return discounted with --gamma (0.999), clipped to [-10, 10],
+    as CleanRL's ppo_procgen.py; the paper's code scales with baselines' VecNormalize default, 0.99"""
 
     # Running, saving and logging
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name, part of the run name
@@ -68,7 +74,7 @@ class Args:
     pin_cpu: bool = False  # on CPU, keep the process on one core; off: the CNN uses all cores (README, Speed)
     compile: bool = False  # torch.compile acting and the loss (README, Speed; the first iteration compiles)
     cudagraphs: bool = False  # CUDA only: also record them as CUDA graphs (torch.compile's reduce-overhead)
-    eval_episodes: int = 0  # episodes of greedy play on unseen levels after training, as eval/episodic_return
+    eval_episodes: int = 0  # test-level episodes after training (sampled actions), as eval/episodic_return
     capture_video: bool = False  # record the evaluation episodes (at least one) to <run>/videos
     save_model: bool = False  # write <run>/checkpoint.pt every --save-interval iterations and at the end
     save_interval: int = 25  # iterations between checkpoints with `--save-model`
@@ -119,10 +125,10 @@ def procgen_game(env_id: str):
 
 
 def levels(args, test=False):
-    """make_env's Procgen arguments: the training levels, or (test) every level after them (with
-    --num-levels 0, training plays every level, and the test draws its levels the same way)."""
-    start_level = args.start_level + args.num_levels if test else args.start_level
-    num_levels = 0 if test else args.num_levels
+    """make_env's Procgen arguments: the training levels, or (test) the full level distribution, the
+    Procgen paper's test set: with num_levels 0 procgen draws from 2^31 levels (and ignores start_level), so
+    N training levels come up there with probability N / 2^31. With --num-levels 0 both are the same."""
+    num_levels, start_level = (0, 0) if test else (args.num_levels, args.start_level)
     return dict(num_levels=num_levels, start_level=start_level, distribution_mode=args.distribution_mode)
 
 
@@ -160,8 +166,9 @@ class ProcgenVectorEnv:
         return self.env.reset()["rgb"], {}
 
     def step(self, actions):
-        obs, reward, done, _ = self.env.step(actions)
-        return obs["rgb"], reward.astype(np.float32), done.astype(bool), np.zeros(self.num_envs, bool), {}
+        obs, reward, done, infos = self.env.step(actions)
+        info = {"level_seed": np.array([i["level_seed"] for i in infos])}  # the level each env now plays
+        return obs["rgb"], reward.astype(np.float32), done.astype(bool), np.zeros(self.num_envs, bool), info
 
     def render(self):
         return self.env.render(mode="rgb_array")[None]  # env 0's 512x512 view
@@ -246,9 +253,9 @@ def check_render(args, **levels):
 
 
 def evaluate(agent, env_id, episodes, seed, device, backend, video_folder=None, **levels):
-    """Play `episodes` whole episodes with the greedy policy on a fresh environment (on `levels`: Procgen's
-    num_levels, start_level, distribution_mode); their returns. With `video_folder`, each episode is
-    written there as an mp4."""
+    """Play `episodes` whole episodes on a fresh environment (on `levels`) with actions sampled from the
+    policy, as the Procgen paper measures (a greedy policy can stall in a game forever); their returns. With
+    `video_folder`, each episode is written there as an mp4."""
     envs = make_env(env_id, 1, seed, backend, render=video_folder is not None, **levels)
     obs, _ = envs.reset()
     frames = [np.asarray(envs.render()[0])] if video_folder else []
@@ -257,7 +264,7 @@ def evaluate(agent, env_id, episodes, seed, device, backend, video_folder=None, 
         done, total = False, 0.0
         while not done:
             with torch.inference_mode():
-                action = agent.greedy_action(torch.as_tensor(obs, device=device))
+                action, _, _ = agent.get_action(torch.as_tensor(obs, device=device))
             obs, reward, terminated, truncated, _ = envs.step(action.cpu().numpy())
             if video_folder:
                 frames.append(np.asarray(envs.render()[0]))
@@ -276,7 +283,7 @@ def evaluate(agent, env_id, episodes, seed, device, backend, video_folder=None, 
 
 
 class TestEnvs:
-    """The test of generalisation: --num-test-envs environments on levels never trained on (`levels`), played
+    """The test of generalisation: --num-test-envs environments on the test levels (`levels`), played
     alongside training by the same policy, sampling as in training; nothing of it is stored or learned from.
     With --num-test-envs 0 there are none, and step() finishes no episodes."""
 
@@ -459,9 +466,6 @@ class Agent(nn.Module):
         logprob = log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         return action, logprob, entropy, self.critic(hidden).squeeze(-1)
-
-    def greedy_action(self, x):
-        return self.actor(self.hidden(x)).argmax(-1)
 
 
 # -------------- ALGORITHM (pure functions: tensors in, tensors out; the tests import them) ---------------

@@ -7,7 +7,7 @@ Runs `python ppo_procgen_impala.py --env-id ENV --network NET --seed S --total-t
 would, `--jobs` at a time. The default FLAGS are the CPU configuration of the README (16 envs x 128 steps,
 4 minibatches: 8x more updates per environment step than the paper's 64 x 256, for budgets a CPU can
 afford). Writes benchmarks/procgen_networks.json (per run: mean of the last 100 training and test episodes, SPS) and
-benchmarks/procgen_networks.png (training and unseen-level test return, both networks).
+benchmarks/procgen_networks.png (training and test-level return, both networks).
 """
 
 import argparse
@@ -88,7 +88,7 @@ def main():
         runs = [s for s in summaries if s["network"] == network]
         for ax, tag, what in (
             (axes[0], "charts/episodic_return", "training levels"),
-            (axes[1], "charts/test_episodic_return", "unseen levels"),
+            (axes[1], "charts/test_episodic_return", "test levels (every level)"),
         ):
             plot_bands(
                 ax,

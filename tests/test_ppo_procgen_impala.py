@@ -139,19 +139,27 @@ def test_procgen_steps_after_an_episode_end_are_trained_on(run_dir, monkeypatch)
     assert torch.cat(masks).min() == 1.0
 
 
-def test_test_envs_play_unseen_levels(run_dir, monkeypatch):
-    calls = []
-    real_make_env = pp.make_env
+def test_test_envs_play_the_full_level_distribution(run_dir, monkeypatch):
+    """The levels actually played, as procgen reports them: training stays within --num-levels levels from
+    --start-level; the test draws from all 2^31 levels (num_levels=0, where procgen ignores start_level), so
+    it practically never meets a training level, and it is not 'the levels after the training ones'."""
+    played = {}  # num_envs -> level seeds seen
+    real_step = pp.ProcgenVectorEnv.step
 
-    def spy_make_env(env_id, num_envs, seed, backend="auto", render=False, **levels):
-        calls.append((num_envs, levels))
-        return real_make_env(env_id, num_envs, seed, backend, render, **levels)
+    def spy_step(self, actions):
+        out = real_step(self, actions)
+        played.setdefault(self.num_envs, set()).update(out[4]["level_seed"].tolist())
+        return out
 
-    monkeypatch.setattr(pp, "make_env", spy_make_env)
-    pp.main(small_args(run_dir, num_levels=50, start_level=100, num_test_envs=3))
-    train, test = calls
-    assert train == (2, dict(num_levels=50, start_level=100, distribution_mode="easy"))
-    assert test == (3, dict(num_levels=0, start_level=150, distribution_mode="easy"))
+    monkeypatch.setattr(pp.ProcgenVectorEnv, "step", spy_step)
+    pp.main(
+        small_args(
+            run_dir, num_levels=50, start_level=100, num_test_envs=3, num_steps=128, total_timesteps=512
+        )
+    )
+    train, test = played[2], played[3]
+    assert train <= set(range(100, 150)) and len(train) > 2
+    assert test.isdisjoint(range(100, 150)) and max(test) > 10**6 and len(test) > 3
 
 
 # ------------------------------------------------------------------------------------------------ smoke
@@ -181,3 +189,14 @@ def test_probes_pass():
     import probe_envs
 
     assert probe_envs.main(["--scripts", "ppo_procgen_impala.py"]) == 0
+
+
+def test_evaluation_samples_actions_as_the_paper_measures():
+    """Greedy play stalls in many Procgen games (the argmax action can walk into a wall forever): evaluation
+    samples from the policy, like training and like the Procgen paper's test."""
+    agent = pp.Agent(IMAGES, gym.spaces.Discrete(2), "nature")
+    calls = []
+    real = agent.get_action
+    agent.get_action = lambda x: calls.append(len(x)) or real(x)
+    returns = pp.evaluate(agent, "probe_envs:Probe1Procgen-v0", 3, seed=1, device="cpu", backend="gymnasium")
+    assert returns == [1.0, 1.0, 1.0] and calls  # one-step episodes of reward 1, each action sampled
