@@ -508,19 +508,15 @@ RULES = {
     ),
     **dict.fromkeys(("gamma", "gae_lambda"), (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")),
     **dict.fromkeys(("learning_rate", "value_learning_rate", "clip_coef"), (lambda v: v > 0, "> 0")),
-    **dict.fromkeys(("max_grad_norm", "target_kl"), (lambda v: v is None or v > 0, "> 0 (or None: off)")),
+    "max_grad_norm": (lambda v: v is None or v > 0, "> 0"),
+    "target_kl": (lambda v: v is None or v > 0, "> 0 (or None: off)"),
     **dict.fromkeys(("ent_coef", "vf_coef"), (lambda v: v >= 0, ">= 0")),
 }
-# Ids that another script of this repository runs: (pattern, what they are, the script).
-OTHER_IDS = (
-    (r"ALE/[A-Za-z0-9]+-v5|[A-Za-z0-9]+NoFrameskip-v4", "an Atari id", "ppo_atari.py"),
-    (
-        r"(procgen[-:])?(bigfish|bossfight|caveflyer|chaser|climber|coinrun|dodgeball|fruitbot|heist|jumper"
-        r"|leaper|maze|miner|ninja|plunder|starpilot)(-v0)?",
-        "a Procgen game",
-        "ppo_procgen_impala.py",
-    ),
-)
+# The Procgen games, so that another script can say that ppo_procgen_impala.py runs them
+PROCGEN_NAMES = (
+    "bigfish bossfight caveflyer chaser climber coinrun dodgeball fruitbot heist jumper leaper maze miner "
+    "ninja plunder starpilot"
+).split()
 
 
 class UsageError(Exception):
@@ -559,11 +555,24 @@ def check_args(args):
             raise UsageError(f"{flag}: no checkpoint file at '{path}'")
 
 
+def runs_elsewhere(env_id: str):
+    """(what the id is, the script of this repository that runs it) for an Atari or Procgen id, else None."""
+    m = re.fullmatch(r"(ALE/)?([A-Za-z0-9]+?)(NoFrameskip-v4|-v5)", env_id)
+    if m and (m[1] or m[3] == "NoFrameskip-v4"):  # unmistakably Atari, and a game envpool has
+        with contextlib.redirect_stderr(io.StringIO()):
+            import envpool
+        if f"{m[2]}-v5" in envpool.list_all_envs():
+            return "an Atari id", "ppo_atari.py"
+    if re.sub(r"^(procgen:)?(procgen-)?|-v0$", "", env_id) in PROCGEN_NAMES:
+        return "a Procgen game", "ppo_procgen_impala.py"
+    return None
+
+
 def unknown_env_id(env_id: str, known) -> UsageError:
     """The error for an id that no backend has: the script that runs it, or the closest known ids."""
-    for pattern, what, script in OTHER_IDS:
-        if script != SCRIPT and re.fullmatch(pattern, env_id):
-            return UsageError(f"'{env_id}' is {what}: {script} runs it, not {SCRIPT}")
+    elsewhere = runs_elsewhere(env_id)
+    if elsewhere is not None and elsewhere[1] != SCRIPT:
+        return UsageError(f"'{env_id}' is {elsewhere[0]}: {elsewhere[1]} runs it, not {SCRIPT}")
     close = list(dict.fromkeys(difflib.get_close_matches(env_id.split(":")[-1], known, n=3)))
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return UsageError(f"unknown environment id '{env_id}'{hint}")
@@ -671,7 +680,7 @@ class Run:
         self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         # --pin-cpu first, so that every thread started later inherits the core: envpool steps the
         # environments in worker threads, and a hand-off to another core costs more than a small env step.
-        pin = args.pin_cpu and self.device.type == "cpu"
+        pin = args.pin_cpu and self.device.type == "cpu" and hasattr(os, "sched_setaffinity")  # Linux
         if pin and args.torch_threads > 1:
             raise UsageError(
                 f"--pin-cpu holds the run to one core, where {args.torch_threads} torch threads would spin "
@@ -777,7 +786,9 @@ class Run:
         where = ", ".join(map(str, self.info.values()))
         print(f"run: {self.path}  env: {args.env_id} ({where})  device: {self.device}", flush=True)
         if steps < args.total_timesteps:  # whole iterations only: say so rather than stop short in silence
-            print(f"budget: {steps} steps (--total-timesteps {args.total_timesteps}, in whole iterations)")
+            size = f" of {args.batch_size} steps" if hasattr(args, "batch_size") else ""
+            total = args.total_timesteps
+            print(f"budget: --total-timesteps {total} rounded down to {steps} (whole iterations{size})")
         self.start_time, self.start_step = time.time(), self.global_step
 
     def iterations(self):

@@ -316,9 +316,10 @@ def main(argv=None) -> int:
         for p in probes
         if args.probes is None or p in args.probes
     ]
-    if not jobs:  # checking nothing is no pass
-        fitting = sorted({p for s in scripts for probes in SCRIPTS[s].families.values() for p in probes})
-        asked = ", ".join(map(str, args.probes))
+    fitting = sorted({p for s in scripts for probes in SCRIPTS[s].families.values() for p in probes})
+    unrun = sorted(set(args.probes or []) - set(fitting))
+    if unrun or not jobs:  # a probe asked for and never checked is no pass
+        asked = ", ".join(map(str, unrun or args.probes))
         print(f"error: probe {asked} fits none of {', '.join(scripts)} (they run {fitting})", file=sys.stderr)
         return 2
     run_dir = args.keep or tempfile.mkdtemp(prefix="probes-")

@@ -301,12 +301,17 @@ def test_meaningless_values_are_refused(field, value):
 
 def test_a_rounded_budget_is_said_and_ids_name_the_script_that_runs_them(run_dir):
     proc = run_cli("ppo.py", "--total-timesteps", "1000", "--run-dir", run_dir, "--no-progress")
-    assert proc.returncode == 0 and "budget: 512 steps (--total-timesteps 1000" in proc.stdout
+    assert proc.returncode == 0
+    assert "budget: --total-timesteps 1000 rounded down to 512 (whole iterations of 512 steps)" in proc.stdout
     assert last_json(proc.stdout)["global_step"] == 512
     with pytest.raises(ppo.UsageError, match="'BreakoutNoFrameskip-v4' is an Atari id: ppo_atari.py runs it"):
         ppo.make_env("BreakoutNoFrameskip-v4", 1, 0)
     with pytest.raises(ppo.UsageError, match="'bigfish' is a Procgen game: ppo_procgen_impala.py runs it"):
         ppo.make_env("bigfish", 1, 0)
+    with pytest.raises(ppo.UsageError, match="is a Procgen game: ppo_procgen_impala.py runs it"):
+        ppo.make_env("procgen:procgen-bigfish-v0", 1, 0)
+    with pytest.raises(ppo.UsageError, match="unknown environment id 'BreakotNoFrameskip-v4'"):
+        ppo.make_env("BreakotNoFrameskip-v4", 1, 0)  # no such game: no script runs it
     message = str(ppo.unknown_env_id("CartPol-v1", ["CartPole-v1", "CartPole-v1", "CartPole-v0"]))
     assert message.endswith("did you mean CartPole-v1, CartPole-v0?")  # each suggestion once
 
@@ -341,3 +346,4 @@ def test_the_probe_runner_fails_when_it_checks_nothing():
 
     assert probe_envs.main(["--scripts", "ppo.py", "--probes", "9"]) == 2
     assert probe_envs.main(["--scripts", "reinforce.py", "--probes", "1"]) == 2  # REINFORCE runs 4 and 5
+    assert probe_envs.main(["--scripts", "reinforce.py", "--probes", "4", "9"]) == 2  # 9 would go unchecked

@@ -1,4 +1,4 @@
-"""ppo_procgen_impala.py: the two networks, the Procgen adapter and ids, the reward scaling, the unseen-level
+"""ppo_procgen_impala.py: the two networks, the Procgen adapter and ids, the reward scaling, the test-level
 test, smoke runs on a real Procgen game with both networks, and the Procgen-shaped probes."""
 
 import inspect
