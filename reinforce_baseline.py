@@ -268,16 +268,6 @@ def discounted_returns(rewards, dones, gamma):
     return returns
 
 
-def complete_episode_mask(dones, valid):
-    """1 for the steps that belong to an episode that ended within the rollout: valid (not an autoreset
-    step) and at or before the last episode end of their environment. Steps of episodes still running at
-    the end have incomplete returns and are left out."""
-    num_steps = dones.shape[0]
-    steps = torch.arange(num_steps, device=dones.device).unsqueeze(-1).expand_as(dones)
-    last_end = torch.where(dones.bool(), steps, torch.full_like(steps, -1)).max(0).values
-    return valid * (steps <= last_end).float()
-
-
 def masked_mean(x, mask):
     """Mean of x over the entries where mask is 1 (0 if there are none)."""
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
@@ -343,7 +333,9 @@ def train(args: Args, run):
 
         # ---- rollout: play until the complete episodes hold at least batch_size steps ----
         # Every batch starts from fresh episodes, so that all its actions come from the current policy.
-        # Episodes still running when the batch is full are dropped (their steps count in global_step).
+        # Once it is full, no env starts a new episode, but the episodes running then play to their end:
+        # dropping them would drop long episodes more often than short ones (a long one is more likely to
+        # be running at the cut) and bias the gradient and the logged returns towards short episodes.
         next_obs_np, _ = envs.reset()
         next_obs = torch.as_tensor(next_obs_np, dtype=torch.float32, device=device)
         next_autoreset = np.zeros(args.num_envs, dtype=bool)
@@ -352,11 +344,14 @@ def train(args: Args, run):
         # Lists of per-step arrays, stacked into (T, N, ...) after the rollout: T is not known in advance.
         obs, actions, rewards, terminations, dones, valid = [], [], [], [], [], []
         finished_returns, finished_lengths = [], []
+        collecting = np.ones(args.num_envs, dtype=bool)  # envs whose current episode is in the batch
         complete_steps = 0
-        while complete_steps < args.batch_size:
-            global_step += args.num_envs
+        while collecting.any():
+            global_step += (
+                args.num_envs
+            )  # the steps of envs that stopped count here, but are not in the batch
             obs.append(next_obs)
-            valid.append(~next_autoreset)
+            valid.append(collecting & ~next_autoreset)
 
             with torch.inference_mode():
                 action, _, _ = agent.get_action(next_obs)
@@ -374,10 +369,12 @@ def train(args: Args, run):
             # Episode accounting: the autoreset step is not part of any episode.
             episode_return += reward
             episode_length += ~next_autoreset
-            for i in np.flatnonzero(ended):
+            for i in np.flatnonzero(ended & collecting):
                 finished_returns.append(float(episode_return[i]))
                 finished_lengths.append(int(episode_length[i]))
                 complete_steps += int(episode_length[i])
+            if complete_steps >= args.batch_size:
+                collecting &= ~ended  # full: an env whose episode has ended starts no new one in this batch
             episode_return[ended] = 0.0
             episode_length[ended] = 0
             next_autoreset = ended
@@ -397,7 +394,7 @@ def train(args: Args, run):
             next_values = torch.cat([values[1:], agent.get_value(next_obs)[None]])
             truncations = dones - terminations
             returns = discounted_returns(rewards + args.gamma * truncations * next_values, dones, args.gamma)
-        mask = complete_episode_mask(dones, valid)
+        mask = valid  # the batch: every step of an episode that ended in it, no autoreset step
         returns_mean, returns_std = masked_mean_std(returns, mask)
         advantages = returns - values
         valid_adv = advantages[mask.bool()]

@@ -68,3 +68,25 @@ for _variant, _variant_kwargs in (("", {}), ("Truncated", {"truncate": True}), (
             entry_point=CountingEnv,
             kwargs={**_variant_kwargs, **_family_kwargs},
         )
+
+
+class CoinLengthEnv(gym.Env):
+    """Episodes of 10 or 500 steps with probability 1/2 each, drawn at reset from the env's own seeded RNG and
+    independent of the actions: the true mean length is 255. Observation [0], reward 1 per step. A batch that
+    favours short episodes (by dropping those still running at a cut) shows a mean length well below 255."""
+
+    metadata = {"render_modes": []}
+    observation_space = gym.spaces.Box(0.0, 1.0, (1,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t, self.length = 0, int(self.np_random.choice([10, 500]))
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.zeros(1, np.float32), 1.0, self.t >= self.length, False, {}
+
+
+gym.register("CoinLength-v0", entry_point=CoinLengthEnv)

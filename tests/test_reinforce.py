@@ -50,15 +50,6 @@ def test_discounted_returns_hand_worked(module):
 
 
 @pytest.mark.parametrize("module", [reinforce, reinforce_baseline])
-def test_complete_episode_mask(module):
-    dones = t([[0, 0], [1, 0], [0, 0], [1, 0], [0, 0]])
-    valid = t([[1, 1], [1, 1], [0, 1], [1, 1], [0, 1]])  # env 0's steps 2 and 4 are autoreset steps
-    mask = module.complete_episode_mask(dones, valid)
-    # env 0: everything up to its last end at t=3, minus the autoreset step; env 1 never finished
-    assert torch.equal(mask, t([[1, 0], [1, 0], [0, 0], [1, 0], [0, 0]]))
-
-
-@pytest.mark.parametrize("module", [reinforce, reinforce_baseline])
 def test_policies_match_torch_distributions(module):
     box = gym.spaces.Box(-2.0, 2.0, (3,), np.float32)
     obs_space = gym.spaces.Box(-1, 1, (4,), np.float32)
@@ -138,6 +129,39 @@ def test_only_complete_valid_steps_enter_the_loss(script, run_dir, monkeypatch):
     assert ((obs == 3.0) & (mask == 1.0)).sum() == 0
     assert (mask == 1.0).sum() > 0 and (mask == 1.0).sum() % 3 == 0  # whole three-step episodes
     assert summary["episodic_return_mean_last100"] == 3.0
+
+
+@pytest.mark.parametrize("script", BOTH)
+def test_batches_do_not_favour_short_episodes(script, run_dir, monkeypatch):
+    """CoinLength-v0's episodes last 10 or 500 steps (p = 1/2, whatever the actions): true mean 255. Cutting
+    the batch when it is full and dropping the episodes still running gave 211 here (4 envs, 2,048-step
+    batches, 100k steps: 30 batches); every batch must hold exactly its logged episodes, and their mean
+    length must be the true one."""
+    module = load_script(script)
+    logged, in_loss = [], []
+    real_log, real_loss = module.Run.log_episodes, module.reinforce_loss
+
+    def spy_log(self, global_step, returns, lengths=None, prefix=""):
+        logged.append(list(lengths))
+        return real_log(self, global_step, returns, lengths, prefix)
+
+    def spy_loss(*args):
+        in_loss.append(args[-1].sum().item())  # the mask: the steps that enter the loss
+        return real_loss(*args)
+
+    monkeypatch.setattr(module.Run, "log_episodes", spy_log)
+    monkeypatch.setattr(module, "reinforce_loss", spy_loss)
+    module.main(
+        small_args(
+            script, run_dir, env_id="tests.envs:CoinLength-v0", env_backend="gymnasium",
+            total_timesteps=100_000, num_envs=4, batch_size=2048,
+        )
+    )  # fmt: skip
+    assert [sum(lengths) for lengths in logged] == in_loss  # the loss sees exactly the logged episodes
+    assert all(sum(lengths) >= 2048 for lengths in logged)
+    lengths = np.concatenate(logged)
+    assert len(lengths) > 300
+    assert 240 < lengths.mean() < 270, lengths.mean()  # standard error about 14
 
 
 @pytest.mark.parametrize("bootstrap", [True, False])
