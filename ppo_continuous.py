@@ -5,7 +5,7 @@ Adds over ppo.py, following the continuous-action details of "The 37 Implementat
 - actions clipped into the bounds for the environment only: the buffer keeps the unclipped sample, whose
   log-probability the ratio needs (reinforce.py's docstring says why and names the alternatives);
 - observations normalised by running mean and std, clipped to [-10, 10]; the statistics live in the agent
-  (saved with the weights) and change only between iterations, so that the ratio starts at exactly 1;
+  (saved with the weights), change only between iterations, and a first rollout only measures them;
 - rewards divided by the running std of the discounted return, clipped to [-10, 10].
 Time limits matter here: most MuJoCo episodes end by the 1000-step truncation, bootstrapped from V(final obs).
 
@@ -214,9 +214,8 @@ class RunningMeanStd(nn.Module):
 
 
 class RewardScaler:
-    """Rewards divided by the running std of the discounted return, clipped to [-clip, clip] (MuJoCo detail
-    4, gymnasium's NormalizeReward). Not shifted: a shift would change the task (turn a survival bonus into a
-    penalty). Updated once per rollout; each env's discounted return carries over to the next rollout."""
+    """Rewards divided by the running std of the discounted return, clipped to [-clip, clip] (gymnasium's
+    NormalizeReward), not shifted (that would change the task); updated once per rollout, returns carry over."""
 
     def __init__(self, num_envs, gamma, clip=10.0):
         self.rms = RunningMeanStd()
@@ -258,7 +257,9 @@ class Agent(nn.Module):
         super().__init__()
         obs_dim = int(np.prod(observation_space.shape))
         act_dim = int(np.prod(action_space.shape))
+        # obs_rms: the statistics the policy acts and learns with; obs_rms_next: all observations so far
         self.obs_rms = RunningMeanStd(observation_space.shape)
+        self.obs_rms_next = RunningMeanStd(observation_space.shape)
         self.register_buffer("norm_obs", torch.tensor(norm_obs))
         self.obs_clip = obs_clip
         self.critic = nn.Sequential(
@@ -449,6 +450,7 @@ def train(args: Args, run):
     for iteration in run.iterations():
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = run.annealed(args.learning_rate)
+        agent.obs_rms.load_state_dict(agent.obs_rms_next.state_dict())  # frozen for the iteration
 
         # ---- rollout ----
         finished_returns, finished_lengths = [], []
@@ -482,9 +484,13 @@ def train(args: Args, run):
             episode_length[ended] = 0
             next_autoreset = ended
         run.log_episodes(global_step, finished_returns, finished_lengths)
+        scaled_rewards = reward_scaler(rewards, dones, valid) if args.norm_reward else rewards
+        agent.obs_rms_next.update(obs.flatten(0, 1))  # the statistics for the next iteration's policy
+        if args.norm_obs and agent.obs_rms.count == 0:  # the first rollout (raw observations) only measures
+            run.log(global_step, {})  # no update learns from raw observations
+            continue
 
         # ---- advantages ----
-        scaled_rewards = reward_scaler(rewards, dones, valid) if args.norm_reward else rewards
         with torch.no_grad():
             # V of every stored observation in one batched pass (num_steps times fewer calls)
             values = agent.get_value(obs)
@@ -547,8 +553,6 @@ def train(args: Args, run):
         metrics["debug/advantage_std"] = valid_adv.std(correction=0).item()
         metrics["debug/grad_norm"] = means["grad_norm"]
         run.log(global_step, metrics)
-        if args.norm_obs:  # only between iterations: one normalisation for a batch's acting and update
-            agent.obs_rms.update(b_obs)
 
     envs.close()
     run.evaluate(

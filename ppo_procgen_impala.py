@@ -335,9 +335,8 @@ class RunningMeanStd(nn.Module):
 
 
 class RewardScaler:
-    """Rewards divided by the running std of the discounted return, clipped to [-clip, clip] (MuJoCo detail
-    4, gymnasium's NormalizeReward). Not shifted: a shift would change the task (turn a survival bonus into a
-    penalty). Updated once per rollout; each env's discounted return carries over to the next rollout."""
+    """Rewards divided by the running std of the discounted return, clipped to [-clip, clip] (gymnasium's
+    NormalizeReward), not shifted (that would change the task); updated once per rollout, returns carry over."""
 
     def __init__(self, num_envs, gamma, clip=10.0):
         self.rms = RunningMeanStd()

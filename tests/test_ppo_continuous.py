@@ -102,7 +102,8 @@ def test_log_prob_uses_the_unclipped_sample(run_dir, monkeypatch):
 
 
 def test_observation_statistics_are_frozen_within_an_iteration(run_dir, monkeypatch):
-    """The first minibatch of every update sees the policy that collected the data: its ratio is 1."""
+    """The first minibatch of every update sees the policy that collected the data: its ratio is 1 (4
+    iterations, the first of which only measures the observations)."""
     first_kl = []
     real = pc.ppo_loss
 
@@ -117,7 +118,7 @@ def test_observation_statistics_are_frozen_within_an_iteration(run_dir, monkeypa
     pc.main(a)
     per_update = a.update_epochs * a.num_minibatches
     firsts = first_kl[::per_update]
-    assert len(firsts) == 4 and max(firsts) < 1e-4, firsts  # the later minibatches do move away from 1
+    assert len(firsts) == 3 and max(firsts) < 1e-4, firsts  # the later minibatches do move away from 1
     assert max(first_kl) > 1e-3
 
 
@@ -126,17 +127,56 @@ def test_observation_statistics_are_frozen_within_an_iteration(run_dir, monkeypa
     "env_id, backend", [("HalfCheetah-v4", "envpool"), ("probe_envs:Probe5Continuous-v0", "gymnasium")]
 )
 def test_smoke_outputs_metrics_and_normalisation_in_checkpoint(env_id, backend, run_dir):
-    summary = pc.main(args(run_dir, env_id=env_id, total_timesteps=512, num_steps=128, save_model=True))
+    summary = pc.main(args(run_dir, env_id=env_id, total_timesteps=768, num_steps=128, save_model=True))
     assert summary["backend"] == backend
     check_run_outputs(summary, checkpoint=True)
     scalars = read_scalars(summary["run_dir"])
     # (episodes are 1000 steps long in HalfCheetah: none ends within 512 steps, so no episodic_return yet)
     missing = [m for m in CONTINUOUS_METRICS if m not in scalars and not m.startswith("charts/episodic")]
     assert not missing, missing
-    assert len(scalars["losses/policy_loss"]) == 2
+    assert len(scalars["losses/policy_loss"]) == 2  # 3 iterations: the first only measures observations
     ckpt = torch.load(f"{summary['run_dir']}/checkpoint.pt", weights_only=True)
-    assert ckpt["agent"]["obs_rms.count"].item() == 512 and ckpt["agent"]["norm_obs"].item()  # 2 x 2 x 128
+    assert ckpt["agent"]["norm_obs"].item()
+    # the statistics the last update used (2 iterations x 2 envs x 128 steps), and those of every step
+    assert ckpt["agent"]["obs_rms.count"].item() == 512 and ckpt["agent"]["obs_rms_next.count"].item() == 768
     assert ckpt["reward_scaler"]["rms"]["count"].item() > 0
+
+
+def test_updates_and_evaluation_use_the_statistics_the_policy_was_trained_with(run_dir, monkeypatch):
+    """No update learns from raw observations (statistics of count 0, mean 0, variance 1: the first rollout
+    only measures), and evaluation, after training and from --eval-checkpoint, normalises with the
+    statistics of the policy's last update, not with ones that include the batch after it."""
+    seen = {"update": [], "eval": []}
+    real_update, real_greedy = pc.Agent.get_action_and_value, pc.Agent.greedy_action
+
+    def stats(agent):
+        return agent.obs_rms.count.item(), agent.obs_rms.mean.clone()
+
+    def spy_update(self, x, action=None):
+        seen["update"].append(stats(self))
+        return real_update(self, x, action)
+
+    def spy_greedy(self, x):
+        seen["eval"].append(stats(self))
+        return real_greedy(self, x)
+
+    monkeypatch.setattr(pc.Agent, "get_action_and_value", spy_update)
+    monkeypatch.setattr(pc.Agent, "greedy_action", spy_greedy)
+    summary = pc.main(
+        args(
+            run_dir, env_id="InvertedPendulum-v4", total_timesteps=3 * 256, num_steps=128,
+            eval_episodes=1, save_model=True,
+        )
+    )  # fmt: skip
+    counts = [count for count, _ in seen["update"]]
+    assert min(counts) > 0 and sorted(set(counts)) == [256, 512], counts  # iterations 2 and 3
+    last_count, last_mean = seen["update"][-1]
+    assert seen["eval"] and all(c == last_count and torch.equal(m, last_mean) for c, m in seen["eval"])
+
+    seen["eval"].clear()
+    ckpt = f"{summary['run_dir']}/checkpoint.pt"
+    pc.main(args(run_dir, env_id="InvertedPendulum-v4", eval_checkpoint=ckpt, eval_episodes=1))
+    assert seen["eval"] and all(c == last_count and torch.equal(m, last_mean) for c, m in seen["eval"])
 
 
 def test_eval_checkpoint_without_training(run_dir):
