@@ -564,7 +564,8 @@ def train(args: Args, run):
 # No reinforcement learning below this line, and the same bytes in every script (a test compares them).
 # train() above talks to it through `run`: start, iterations, annealed, log_episodes, log, fail, evaluate.
 # Here: argument checks, device, seeding and CPU pinning, checkpoints (plain data, loaded once), the run
-# directory, TensorBoard and W&B, SIGINT/SIGTERM, the progress line, summary.json and the JSON last line.
+# directory, TensorBoard and W&B, SIGINT/SIGTERM, the progress line, summary.json and the JSON last line;
+# and, for a script that sets DATA_PARALLEL (run by torchrun), the ranks: rank 0 alone writes anything.
 import difflib
 import json
 import math
@@ -576,9 +577,11 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import fields
 
+import torch.distributed as dist
 import tyro
 
 SCRIPT = os.path.basename(__file__)
@@ -678,6 +681,25 @@ def pin_to_current_core():
     return core
 
 
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class NoWriter:
+    """The TensorBoard writer of the ranks other than 0, which log nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def collective_failed(e: BaseException) -> bool:
+    """Whether `e` came out of a torch.distributed call (gloo raises a plain RuntimeError when a peer is gone)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    return isinstance(e, dist.DistError) or bool(frames) and "torch/distributed/" in frames[-1].filename
+
+
 def one_line(e: BaseException) -> str:
     text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
     return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
@@ -765,10 +787,21 @@ class Run:
 
     def __init__(self, args):
         self.args = args
-        self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        # torchrun starts one process per rank and says which in the environment; plain python is rank 0 of 1
+        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if self.world_size > 1 and not globals().get("DATA_PARALLEL"):
+            raise UsageError(f"{SCRIPT} runs in one process; ppo_atari_multigpu.py is the one for torchrun")
+        cuda = torch.cuda.is_available() and args.cuda
+        self.device = torch.device("cuda", self.local_rank) if cuda else torch.device("cpu")
+        if self.world_size > 1:
+            if cuda:
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if cuda else "gloo")
         # --pin-cpu first, so that every thread started later inherits the core: envpool steps the
         # environments in worker threads, and a hand-off to another core costs more than a small env step.
-        pin = args.pin_cpu and self.device.type == "cpu" and hasattr(os, "sched_setaffinity")  # Linux
+        # (Not with several ranks: they could land on one core.)
+        pin = args.pin_cpu and not cuda and hasattr(os, "sched_setaffinity") and self.world_size == 1
         if pin and args.torch_threads > 1:
             raise UsageError(
                 f"--pin-cpu holds the run to one core, where {args.torch_threads} torch threads would spin "
@@ -776,9 +809,7 @@ class Run:
             )
         self.cpu_core = pin_to_current_core() if pin else None
         torch.set_num_threads(args.torch_threads)
-        random.seed(args.seed)
-        np.random.seed(args.seed)
-        torch.manual_seed(args.seed)
+        seed_everything(args.seed + self.rank)  # rank 0's weights are broadcast in start()
         torch.backends.cudnn.deterministic = args.torch_deterministic
 
         if getattr(args, "cudagraphs", False) and self.device.type != "cuda":
@@ -793,7 +824,7 @@ class Run:
             # frames are rendered off-screen (rgb_array): SDL (pygame) needs no window, and without this it
             # prints an error line about a missing XDG_RUNTIME_DIR on a machine without a desktop
             os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-        if args.track:
+        if args.track and self.rank == 0:
             self._check_wandb_login()
         self.checkpoint = (
             load_checkpoint(args.resume or args.eval_checkpoint)
@@ -844,10 +875,16 @@ class Run:
                     raise UsageError(
                         f"checkpoint '{path}' does not fit this run's {name}: {one_line(e)}"
                     ) from e
+        for obj in state.values():  # every rank starts from rank 0's weights
+            if self.world_size > 1 and isinstance(obj, torch.nn.Module):
+                for tensor in obj.state_dict().values():
+                    dist.broadcast(tensor, 0)
         if args.eval_checkpoint:
             return
         if ckpt is not None:
-            set_rng_state(ckpt["rng"])
+            set_rng_state(ckpt["rng"])  # rank 0's; the other ranks draw streams of their own
+            if self.rank > 0:
+                seed_everything(args.seed + self.rank + self.world_size * self.global_step)
             if self.global_step >= steps:
                 self.status = "already finished"
                 return
@@ -859,9 +896,14 @@ class Run:
             self.path = os.path.dirname(os.path.abspath(args.resume))
         else:
             self.schedule = [0, 1.0, steps]
-            self.path = self._make_run_dir()
+            self.path = self._make_run_dir() if self.rank == 0 else None
+            if self.world_size > 1:  # rank 0's, so that every rank names the same run in its messages
+                paths = [self.path]
+                dist.broadcast_object_list(paths, 0)
+                self.path = paths[0]
         self._open_logs()
-        if ckpt is not None:  # the resume and what it changed go on record; args.json keeps the first start
+        if ckpt is not None and self.rank == 0:  # the resume and what it changed go on record (args.json
+            # keeps the first start)
             given = {k: v for k, v in self.args_dict().items() if k not in ("resume", "eval_checkpoint")}
             changed = {k: [ckpt["args"].get(k), v] for k, v in given.items() if ckpt["args"].get(k) != v}
             record = {"global_step": self.global_step, "iteration": self.iteration, "changed": changed}
@@ -883,13 +925,13 @@ class Run:
         """Iteration numbers, 1, 2, ... (continuing after a resume), until the budget of steps is spent or
         a stop signal arrived. Each iteration ends with run.log(); with --save-model, a checkpoint follows
         every --save-interval iterations."""
-        while self.path is not None and self.global_step < self.steps and self.stop_signal is None:
+        while self.path is not None and self.global_step < self.steps and not self._stopping():
             self.iteration += 1
             step_before = self.global_step
             yield self.iteration
             if self.global_step == step_before:
                 raise RuntimeError("train() must call run.log(global_step, ...) once in every iteration")
-            if self.args.save_model and self.iteration % self.args.save_interval == 0:
+            if self.args.save_model and self.iteration % self.args.save_interval == 0 and self.rank == 0:
                 self.save_checkpoint()
         if self.stop_signal is not None and self.path is not None and self.global_step < self.steps:
             self.status = "interrupted"
@@ -904,7 +946,15 @@ class Run:
 
     def log_episodes(self, global_step: int, returns: list, lengths: list = None, prefix: str = ""):
         """Episodes that ended in this iteration: their mean return (and length) at global_step; the summary
-        keeps the last 100 returns and the count. `prefix` keeps a second kind apart (e.g. "test_")."""
+        keeps the last 100 returns and the count. `prefix` keeps a second kind apart (e.g. "test_"). With
+        several ranks, every rank's episodes, gathered."""
+        if self.world_size > 1:
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, (list(returns), list(lengths or [])))
+            returns = [r for rank_returns, _ in gathered for r in rank_returns]
+            lengths = (
+                [n for _, rank_lengths in gathered for n in rank_lengths] if lengths is not None else None
+            )
         self.episodes[prefix] = self.episodes.get(prefix, 0) + len(returns)
         self.returns.setdefault(prefix, deque(maxlen=100)).extend(float(r) for r in returns)
         if len(returns):
@@ -926,6 +976,15 @@ class Run:
             self.next_print = global_step + self.steps / 10
             print(f"step {global_step:>10}  return(last100) {recent:8.2f}  SPS {sps}", flush=True)
 
+    def mean_over_ranks(self, values: dict) -> dict:
+        """{name: number or 0-d tensor} -> {name: float}, each averaged over the ranks (one all-reduce). In
+        one process, the values as floats."""
+        stacked = torch.stack([torch.as_tensor(v).to(self.device, torch.float64) for v in values.values()])
+        if self.world_size > 1:
+            dist.all_reduce(stacked)
+            stacked /= self.world_size
+        return dict(zip(values, stacked.tolist(), strict=True))
+
     def fail(self, status: str):
         """Stop the run: `status` (e.g. "non-finite loss") names why. The last checkpoint is kept as it is."""
         kept = self.checkpoint_path if os.path.exists(self.checkpoint_path or "") else None
@@ -943,6 +1002,8 @@ class Run:
             return
         if self.stop_signal is not None:  # arrived after the last iteration
             self.status = "evaluation interrupted"
+            return
+        if self.rank > 0:  # rank 0 evaluates; the others have nothing left to do
             return
         folder = os.path.dirname(os.path.abspath(args.eval_checkpoint)) if args.eval_checkpoint else self.path
         self.status = "evaluation interrupted"  # until play() returns; a signal now stops it at once
@@ -993,8 +1054,19 @@ class Run:
             raise UsageError(f"--run-dir: {e}") from e
         return path
 
+    def _stopping(self) -> bool:
+        """Whether a stop signal arrived; with several ranks, at any rank, so that all stop together."""
+        if self.world_size > 1:
+            signum = torch.tensor(self.stop_signal or 0, device=self.device)
+            dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+            self.stop_signal = int(signum.item()) or None
+        return self.stop_signal is not None
+
     def _open_logs(self):
         args = self.args
+        if self.rank > 0:
+            self.writer = NoWriter()
+            return
         if args.track:
             import wandb
 
@@ -1058,12 +1130,14 @@ class Run:
             )
         resumed_path = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
         self.summary["run_dir"] = self.path or resumed_path
+        if self.world_size > 1:
+            self.summary["ranks"] = self.world_size
         if self.status == "already finished":  # the run's own record, untouched
             with contextlib.suppress(OSError, ValueError):
                 with open(os.path.join(self.summary["run_dir"], "summary.json")) as f:
                     old = {k: v for k, v in json.load(f).items() if k not in ("signal", "error")}
                     self.summary = {**old, "status": self.status}
-        if self.path is None or self.status == "already finished":
+        if self.path is None or self.status == "already finished" or self.rank > 0:
             return
         healthy = self.status in ("finished", "interrupted")
         if healthy and (args.save_model or args.resume or self.stop_signal is not None):
@@ -1102,16 +1176,18 @@ class Run:
         if self.stop_signal is not None:
             summary["signal"] = signal.Signals(self.stop_signal).name
         self.summary = summary
-        if self.path is not None and self.status != "already finished":
+        if self.path is not None and self.status != "already finished" and self.rank == 0:
             try:
                 write_json(os.path.join(self.path, "summary.json"), summary)
             except RunFailed as e:
                 self.fail_at_close(e)
                 summary.update(status=self.status, error=self.error)
         print(json.dumps(summary, allow_nan=False), flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     def _finish_wandb(self):
-        if self.args.track and self.path is not None:
+        if self.args.track and self.path is not None and self.rank == 0:
             import wandb
 
             wandb.finish()
@@ -1154,13 +1230,17 @@ def main(args) -> dict:
                 run.status = "aborted"  # no checkpoint: the user asked to quit now
             print(f"\n{e.args[0]}: stopped", file=sys.stderr, flush=True)
         except UsageError:
-            if run.path is not None and not args.resume:
+            if run.path is not None and not args.resume and run.rank == 0:
                 shutil.rmtree(run.path, ignore_errors=True)  # a run that never started leaves nothing behind
             raise
-        except Exception:  # a bug: its traceback follows the summary of what the run had done
-            run.status = "crashed"
-            run.close()
-            raise
+        except Exception as e:
+            if run.world_size > 1 and collective_failed(e):  # another rank stopped; its own error says why
+                run.status, run.error = "rank failed", f"another rank stopped: {one_line(e)}"
+                print(f"error: {run.error}", file=sys.stderr, flush=True)
+            else:  # a bug: its traceback follows the summary of what the run had done
+                run.status = "crashed"
+                run.close()
+                raise
         if run.status == "already finished":
             where = os.path.dirname(os.path.abspath(args.resume))
             print(
@@ -1203,7 +1283,10 @@ def parse_args(argv=None) -> "Args":
 
 def cli() -> int:
     """The exit code: 0 for a finished run (also one already finished), 128 + the signal's number for a run
-    stopped by a signal (130 for SIGINT, 143 for SIGTERM, as a shell reports them), 1 for any failure."""
+    stopped by a signal (130 for SIGINT, 143 for SIGTERM, as a shell reports them), 1 for any failure.
+    Under torchrun, the ranks other than 0 print nothing on stdout (their errors still go to stderr)."""
+    if int(os.environ.get("RANK", 0)) > 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
     try:
         summary = main(parse_args())
     except UsageError as e:

@@ -139,12 +139,14 @@ for _k in (1, 2, 3, 4, 5):
 @dataclass
 class ScriptProbes:
     """Which probes a script is checked on ({family suffix: probe numbers}; the suffix is "", "Continuous",
-    "Atari" or "Procgen"), the training budget, and whether the script learns a value function."""
+    "Atari" or "Procgen"), the training budget, whether the script learns a value function, and how many
+    torchrun processes (ranks) train it (1: plain python)."""
 
     families: dict
     flags: list
     has_value: bool = True
     probe_flags: dict = field(default_factory=dict)
+    ranks: int = 1
 
 
 # Probe 3 runs with gamma = 0.5 so that the discount is visible: V(first state) = 0.5 against V(second) = 1.
@@ -176,6 +178,13 @@ SCRIPTS = {
         ["--total-timesteps", "8192", "--num-envs", "8", "--num-steps", "32", "--learning-rate", "1e-3"],
         probe_flags={3: PROBE3_FLAGS},
     ),
+    # The same budget and sizes as ppo_atari.py, in two gloo processes of 4 envs each.
+    "ppo_atari_multigpu.py": ScriptProbes(
+        {"Atari": ALL},
+        ["--total-timesteps", "8192", "--num-envs", "8", "--num-steps", "32", "--learning-rate", "1e-3"],
+        probe_flags={3: PROBE3_FLAGS},
+        ranks=2,
+    ),
     "ppo_procgen_impala.py": ScriptProbes(
         {"Procgen": ALL},
         [
@@ -199,8 +208,13 @@ MEAN_TOL = 0.1  # continuous: |mean action - best action|
 
 def train(script: str, env_id: str, flags: list, run_dir: str, seed: int) -> dict:
     """Train one script on one probe; return its JSON summary (the last line of its stdout)."""
+    ranks = SCRIPTS[script].ranks
+    launcher = (
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+    )
     cmd = [
         sys.executable,
+        *launcher,
         script,
         "--env-id",
         f"probe_envs:{env_id}",
@@ -216,10 +230,13 @@ def train(script: str, env_id: str, flags: list, run_dir: str, seed: int) -> dic
         "1",
         *flags,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if ranks > 1 else None  # (torchrun warns without it)
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=here, env=env)
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"{' '.join(cmd[1:3])} ... exited {proc.returncode}: {tail[0]}")
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        tail = errors[-1:] or (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"{script} {env_id} ... exited {proc.returncode}: {tail[0]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

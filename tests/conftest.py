@@ -130,7 +130,7 @@ def load_script(script):
 def small_args(script, run_dir, **overrides):
     module = load_script(script)
     defaults = {
-        **SMALL[script],
+        **SMALL.get(script, {}),  # (a script outside SMALL: the test gives its sizes)
         "run_dir": run_dir,
         "progress": False,
         "torch_threads": 1,
@@ -165,3 +165,11 @@ def check_run_outputs(summary: dict, checkpoint: bool = False):
     assert json.load(open(os.path.join(path, "summary.json"))) == summary
     missing = [k for k in SUMMARY_KEYS if k not in summary]
     assert not missing, missing
+
+
+def action_zero(self, x):
+    """An Agent.get_action that always takes action 0 (with its log-prob and value as usual), for runs that
+    must collect the same data whatever their random streams."""
+    action = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    _, logprob, _, value = self.get_action_and_value(x, action)
+    return action, logprob, value

@@ -304,7 +304,11 @@ def harness_of(script):
     return source[source.index(FENCE) :]
 
 
-@pytest.mark.parametrize("script", [s for s in SCRIPTS if s != "ppo.py"])
+# the multi-GPU script's one-process behaviour is ppo_atari.py's (tests/test_ppo_atari_multigpu.py)
+ALL_SCRIPTS = SCRIPTS + ["ppo_atari_multigpu.py"]
+
+
+@pytest.mark.parametrize("script", [s for s in ALL_SCRIPTS if s != "ppo.py"])
 def test_harness_is_byte_identical(script):
     """Everything below the fence is the same bytes in every script: a change there is made everywhere."""
     assert harness_of(script) == harness_of("ppo.py")
@@ -313,13 +317,14 @@ def test_harness_is_byte_identical(script):
 PPO_SHARED = ["compute_gae", "masked_mean", "normalize_advantages", "explained_variance", "ppo_loss"]
 
 
-@pytest.mark.parametrize("script", [s for s in SCRIPTS if s != "ppo.py"])
+@pytest.mark.parametrize("script", [s for s in ALL_SCRIPTS if s != "ppo.py"])
 def test_shared_blocks_are_word_for_word_copies_of_ppo(script):
     """The scripts share no code, so the blocks they have in common above the fence must not drift apart
     (every PPO script carries the same compute_gae, word for word)."""
     ppo, module = load_script("ppo.py"), load_script(script)
     # make_env of the image scripts builds their own environments (Atari through envpool, Procgen)
-    shared = ["layer_init"] + ([] if script in ("ppo_atari.py", "ppo_procgen_impala.py") else ["make_env"])
+    images = ("ppo_atari.py", "ppo_atari_multigpu.py", "ppo_procgen_impala.py")
+    shared = ["layer_init"] + ([] if script in images else ["make_env"])
     for name in shared + (PPO_SHARED if script.startswith("ppo") else []):
         assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(ppo, name)), name
 

@@ -1,0 +1,43 @@
+"""ppo_atari_multigpu.py's command line under torchrun, with hooks for the tests (set by environment
+variables): RANK_OUT=DIR writes this rank's pid at the start and its weights at the end (DIR/pid<rank>,
+DIR/rank<rank>.pt); FIXED_ACTIONS=1 makes acting take action 0 (so that two runs see the same data);
+FAIL_RANK=R makes rank R fail (a RunFailed, as a full disk would) at its second gradient all-reduce."""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ppo_atari_multigpu as m  # noqa: E402
+import tests.envs  # noqa: E402, F401  (registers the counting envs)
+from tests.conftest import action_zero  # noqa: E402
+
+out, rank = os.environ.get("RANK_OUT"), int(os.environ.get("RANK", 0))
+if out:
+    with open(os.path.join(out, f"pid{rank}"), "w") as f:
+        f.write(str(os.getpid()))
+    real_close = m.Run.close
+
+    def close(self):
+        if "agent" in getattr(self, "state", {}):
+            torch.save(self.state["agent"].state_dict(), os.path.join(out, f"rank{self.rank}.pt"))
+        real_close(self)
+
+    m.Run.close = close
+
+if os.environ.get("FIXED_ACTIONS"):
+    m.Agent.get_action = action_zero
+
+if os.environ.get("FAIL_RANK") == str(rank):
+    real_average, calls = m.average_gradients, []
+
+    def average_gradients(model, world_size):
+        calls.append(1)
+        if len(calls) == 2:
+            raise m.RunFailed("injected failure", "injected failure")
+        real_average(model, world_size)
+
+    m.average_gradients = average_gradients
+
+sys.exit(m.cli())
