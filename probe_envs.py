@@ -228,6 +228,7 @@ def train(script: str, env_id: str, flags: list, run_dir: str, seed: int) -> dic
         "--no-progress",
         "--torch-threads",
         "1",
+        *(["--no-cuda"] if ranks > 1 else []),  # ranks as gloo processes: one GPU would not hold two
         *flags,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if ranks > 1 else None  # (torchrun warns without it)

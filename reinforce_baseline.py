@@ -347,9 +347,7 @@ def train(args: Args, run):
         collecting = np.ones(args.num_envs, dtype=bool)  # envs whose current episode is in the batch
         complete_steps = 0
         while collecting.any():
-            global_step += (
-                args.num_envs
-            )  # the steps of envs that stopped count here, but are not in the batch
+            global_step += args.num_envs  # steps of envs that have stopped count, but are not in the batch
             obs.append(next_obs)
             valid.append(collecting & ~next_autoreset)
 
@@ -679,11 +677,17 @@ class Run:
     def __init__(self, args):
         self.args = args
         # torchrun starts one process per rank and says which in the environment; plain python is rank 0 of 1
-        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0)) if self.world_size > 1 else 0
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0)) if self.world_size > 1 else 0
         if self.world_size > 1 and not globals().get("DATA_PARALLEL"):
             raise UsageError(f"{SCRIPT} runs in one process; ppo_atari_multigpu.py is the one for torchrun")
         cuda = torch.cuda.is_available() and args.cuda
+        if cuda and self.local_rank >= torch.cuda.device_count():
+            raise UsageError(
+                f"local rank {self.local_rank} but {torch.cuda.device_count()} CUDA device(s) here: start at most "
+                "one process per GPU (torchrun --nproc_per_node), or add --no-cuda"
+            )
         self.device = torch.device("cuda", self.local_rank) if cuda else torch.device("cpu")
         if self.world_size > 1:
             if cuda:
@@ -730,7 +734,8 @@ class Run:
         self.schedule = progress.get("schedule")  # [step, fraction, steps]: see annealed()
         self.last_fraction = progress.get("last_fraction")
         self.path = self.writer = self.bar = None
-        self.status, self.error, self.stop_signal = "finished", None, None
+        self.status, self.error, self.stop_signal, self.signal_time = "finished", None, None, 0.0
+        self.next_print = 0
         self.info, self.summary, self.closed = {}, None, False
         self.start_time, self.start_step = time.time(), self.global_step  # (again when training starts)
 
@@ -888,6 +893,9 @@ class Run:
         episodes (--eval-episodes; one with --capture-video). A stop signal ends the evaluation at once."""
         args = self.args
         self._close_training()
+        if self.world_size > 1 and self.status in ("finished", "interrupted"):
+            # no rank exits before rank 0 has written: torchrun stops the others when one exits with an error
+            dist.all_reduce(torch.zeros((), device=self.device))
         episodes = args.eval_episodes or (10 if args.eval_checkpoint else int(args.capture_video))
         if self.status != "finished" or episodes == 0:
             return
@@ -950,7 +958,8 @@ class Run:
         if self.world_size > 1:
             signum = torch.tensor(self.stop_signal or 0, device=self.device)
             dist.all_reduce(signum, op=dist.ReduceOp.MAX)
-            self.stop_signal = int(signum.item()) or None
+            if self.stop_signal is None and signum.item():
+                self.stop_signal, self.signal_time = int(signum.item()), time.time()
         return self.stop_signal is not None
 
     def _open_logs(self):
@@ -1074,7 +1083,7 @@ class Run:
                 self.fail_at_close(e)
                 summary.update(status=self.status, error=self.error)
         print(json.dumps(summary, allow_nan=False), flush=True)
-        if dist.is_initialized():
+        if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
     def _finish_wandb(self):
@@ -1097,9 +1106,14 @@ def main(args) -> dict:
         if run is not None and run.closed:
             run.stop_signal = run.stop_signal or signum
             return
+        if run is not None and run.world_size > 1 and signum == run.stop_signal:
+            if (
+                time.time() - run.signal_time < 10
+            ):  # the same stop, delivered again (torchrun, Slurm, terminal)
+                return
         if run is None or run.stop_signal is not None or run.status == "evaluation interrupted":
             raise Interrupted(signum)
-        run.stop_signal = signum
+        run.stop_signal, run.signal_time = signum, time.time()
         name = signal.Signals(signum).name
         # os.write, not print: a signal can arrive while the loop is inside a print of its own
         message = f"\n{name}: finishing this iteration, then saving a checkpoint ({name} again quits now)\n"
@@ -1132,7 +1146,7 @@ def main(args) -> dict:
                 run.status = "crashed"
                 run.close()
                 raise
-        if run.status == "already finished":
+        if run.status == "already finished" and run.rank == 0:
             where = os.path.dirname(os.path.abspath(args.resume))
             print(
                 f"already finished: {where} is at step {run.global_step} of {run.steps}; nothing to do "
@@ -1176,7 +1190,7 @@ def cli() -> int:
     """The exit code: 0 for a finished run (also one already finished), 128 + the signal's number for a run
     stopped by a signal (130 for SIGINT, 143 for SIGTERM, as a shell reports them), 1 for any failure.
     Under torchrun, the ranks other than 0 print nothing on stdout (their errors still go to stderr)."""
-    if int(os.environ.get("RANK", 0)) > 0:
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and int(os.environ.get("RANK", 0)) > 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
     try:
         summary = main(parse_args())

@@ -10,6 +10,7 @@ and benchmarks/mujoco.png (mean and spread of the return curves).
 """
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -29,6 +30,12 @@ def main():
     parser.add_argument("--hopper-seeds", type=int, nargs="+", default=list(range(1, 11)))
     parser.add_argument("--total-timesteps", type=int, default=1_000_000)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--name", default="mujoco", help="write benchmarks/NAME.json and NAME.png")
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="train nothing: read the finished runs already in runs/benchmark_mujoco",
+    )
     args = parser.parse_args()
     run_dir = os.path.join(ROOT, "runs", "benchmark_mujoco")
     jobs = [(e, seed) for e in args.envs for seed in (args.hopper_seeds if e == "Hopper-v4" else args.seeds)]
@@ -52,8 +59,25 @@ def main():
         )
         return summary
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        summaries = list(pool.map(one, jobs))
+    def finished(job):
+        """The summary of the newest finished run of this (env, seed, budget) in run_dir."""
+        env_id, seed = job
+        found = []
+        for name in sorted(os.listdir(run_dir)):
+            path = os.path.join(run_dir, name, "summary.json")
+            if name.startswith(f"{env_id}__ppo_continuous__{seed}__") and os.path.exists(path):
+                summary = json.load(open(path))
+                if summary["status"] == "finished" and summary["global_step"] >= args.total_timesteps:
+                    found.append(summary)
+        if not found:
+            raise SystemExit(f"--collect: no finished run of {env_id} seed {seed} in {run_dir}")
+        return found[-1]
+
+    if args.collect:
+        summaries = [finished(job) for job in jobs]
+    else:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            summaries = list(pool.map(one, jobs))
 
     import matplotlib
 
@@ -90,7 +114,7 @@ def main():
         if env_id in CLEANRL_V4:
             ax.axhline(CLEANRL_V4[env_id], color="gray", ls="--", label="CleanRL v4 (published, final)")
         style_axis(ax, env_id)
-    save_results(fig, result, "mujoco")
+    save_results(fig, result, args.name)
 
 
 if __name__ == "__main__":

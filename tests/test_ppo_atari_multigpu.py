@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 COUNTING = "tests.envs:CountingAtari-v0"
 # 4 envs in total (2 per rank) x 32 steps: iterations of 128 steps
 FLAGS = ["--env-id", COUNTING, "--env-backend", "gymnasium", "--num-envs", "4", "--num-steps", "32"]
-FLAGS += ["--num-minibatches", "2", "--update-epochs", "2", "--no-progress", "--torch-threads", "1"]
+FLAGS += ["--num-minibatches", "2", "--update-epochs", "2", "--torch-threads", "1", "--no-cuda"]  # gloo
 
 
 def torchrun(run_dir, out, *flags, ranks=2, env=None, wait=True):
@@ -30,11 +30,23 @@ def torchrun(run_dir, out, *flags, ranks=2, env=None, wait=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     cmd += [os.path.join(ROOT, "tests", "dist_worker.py"), *FLAGS, "--run-dir", run_dir, *map(str, flags)]
     full_env = {**os.environ, "PYTHONPATH": ROOT, "RANK_OUT": str(out), "OMP_NUM_THREADS": "1", **(env or {})}
-    popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+    popen = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, start_new_session=True
+    )
     if not wait:
         return popen
-    stdout, stderr = popen.communicate(timeout=300)
+    try:
+        stdout, stderr = popen.communicate(timeout=300)
+    finally:
+        stop(popen)
     return popen.returncode, stdout, stderr
+
+
+def stop(popen):
+    """Kill what is left of a torchrun process tree (its own session), if anything is."""
+    if popen.poll() is None:
+        os.killpg(popen.pid, signal.SIGKILL)
+        popen.wait()
 
 
 def rank_weights(out, ranks=2):
@@ -50,18 +62,26 @@ def assert_same_weights(a, b, atol=0.0):
 def test_one_rank_is_ppo_atari(run_dir):
     """Without torchrun the script is one rank, and then exactly ppo_atari.py: same seed, same numbers."""
     kw = dict(env_id="probe_envs:Probe5Atari-v0", env_backend="gymnasium", total_timesteps=512, num_envs=4)
-    single = ppo_atari.main(small_args("ppo_atari.py", run_dir, num_steps=32, **kw))
-    one_rank = ppo_atari_multigpu.main(small_args("ppo_atari_multigpu.py", run_dir, num_steps=32, **kw))
+    kw.update(num_steps=32, save_model=True)
+    single = ppo_atari.main(small_args("ppo_atari.py", run_dir, **kw))
+    one_rank = ppo_atari_multigpu.main(small_args("ppo_atari_multigpu.py", run_dir, **kw))
     for key in ("global_step", "episodes", "episodic_return_mean_last100"):
         assert one_rank[key] == single[key], key
     assert "ranks" not in one_rank
+    weights = [
+        torch.load(os.path.join(r["run_dir"], "checkpoint.pt"), weights_only=True)["agent"]
+        for r in (single, one_rank)
+    ]
+    assert_same_weights(*weights)
 
 
 def test_two_ranks_hold_identical_weights_and_gather_every_episode(run_dir, tmp_path):
     """Different data at each rank (its own envs and random streams), the same weights after every update;
     rank 0 alone writes, and its summary counts the episodes of both ranks (a 3-step episode, then the
     autoreset step: one per 4 steps of each env)."""
-    code, stdout, stderr = torchrun(run_dir, tmp_path, "--total-timesteps", "512", "--save-model")
+    code, stdout, stderr = torchrun(
+        run_dir, tmp_path, "--total-timesteps", "512", "--save-model"
+    )  # progress on
     assert code == 0, stderr
     summary = last_json(stdout)
     assert summary["status"] == "finished" and summary["ranks"] == 2 and summary["global_step"] == 512
@@ -78,7 +98,9 @@ def test_two_ranks_hold_identical_weights_and_gather_every_episode(run_dir, tmp_
 
     # resume across ranks: both ranks load rank 0's checkpoint and go on to the new budget
     ckpt = os.path.join(summary["run_dir"], "checkpoint.pt")
-    code, stdout, stderr = torchrun(run_dir, tmp_path, "--resume", ckpt, "--total-timesteps", "768")
+    code, stdout, stderr = torchrun(
+        run_dir, tmp_path, "--resume", ckpt, "--total-timesteps", "768", "--no-progress"
+    )
     assert code == 0, stderr
     resumed = last_json(stdout)
     assert resumed["status"] == "finished" and resumed["global_step"] == 768
@@ -102,7 +124,14 @@ def test_two_ranks_match_ppo_atari_on_the_same_data(run_dir, tmp_path, monkeypat
 
     dist_dir = os.path.join(run_dir, "dist")
     code, stdout, stderr = torchrun(
-        dist_dir, tmp_path, "--num-minibatches", "1", "--total-timesteps", "128", env={"FIXED_ACTIONS": "1"}
+        dist_dir,
+        tmp_path,
+        "--num-minibatches",
+        "1",
+        "--total-timesteps",
+        "128",
+        "--no-progress",
+        env={"FIXED_ACTIONS": "1"},
     )
     assert code == 0, stderr
     summary = last_json(stdout)
@@ -113,21 +142,28 @@ def test_two_ranks_match_ppo_atari_on_the_same_data(run_dir, tmp_path, monkeypat
     assert norms[1] == pytest.approx(norms[0], rel=1e-4)
 
 
-def test_a_signal_at_one_rank_stops_every_rank_after_the_same_iteration(run_dir, tmp_path):
-    """SIGTERM to rank 1 alone: both ranks stop after the same iteration, rank 0 writes the checkpoint and
-    the summary (status interrupted), and the weights agree."""
-    proc = torchrun(run_dir, tmp_path, "--total-timesteps", "100000000", wait=False)
-    deadline = time.time() + 120
-    while not (
-        os.path.exists(tmp_path / "pid1") and os.listdir(run_dir) if os.path.exists(run_dir) else False
-    ):
-        assert time.time() < deadline and proc.poll() is None, proc.communicate()[1]
-        time.sleep(0.2)
-    time.sleep(3.0)  # a few iterations
-    os.kill(int((tmp_path / "pid1").read_text()), signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+@pytest.mark.parametrize("how", ["SIGTERM to rank 1", "SIGINT to every process"])
+def test_a_stop_signal_stops_every_rank_after_the_same_iteration(run_dir, tmp_path, how):
+    """SIGTERM to rank 1 alone, or SIGINT to the whole process group (Ctrl-C in a terminal: every rank gets it
+    directly, and torchrun passes it on once more): every rank stops after the same iteration, rank 0
+    writes the checkpoint and the summary (status interrupted, not aborted), and the weights agree."""
+    proc = torchrun(run_dir, tmp_path, "--total-timesteps", "100000000", "--no-progress", wait=False)
+    try:
+        deadline = time.time() + 120
+        while not (os.path.exists(tmp_path / "pid1") and os.path.isdir(run_dir) and os.listdir(run_dir)):
+            assert time.time() < deadline and proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.2)
+        time.sleep(3.0)  # a few iterations
+        if how == "SIGTERM to rank 1":
+            os.kill(int((tmp_path / "pid1").read_text()), signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        stop(proc)
     summary = last_json(stdout)
-    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM", stderr
+    name = "SIGTERM" if how == "SIGTERM to rank 1" else "SIGINT"
+    assert summary["status"] == "interrupted" and summary["signal"] == name, stderr
     assert 0 < summary["global_step"] < 100000000
     ckpt = torch.load(os.path.join(summary["run_dir"], "checkpoint.pt"), weights_only=True)
     assert ckpt["global_step"] == summary["global_step"]
@@ -141,7 +177,9 @@ def test_a_failing_rank_fails_the_run_without_a_hang(run_dir, tmp_path):
     (status "rank failed") instead of waiting forever, and torchrun exits non-zero. (torchrun adds its own
     report of the failed process after them.)"""
     start = time.time()
-    code, stdout, stderr = torchrun(run_dir, tmp_path, "--total-timesteps", "100000", env={"FAIL_RANK": "1"})
+    code, stdout, stderr = torchrun(
+        run_dir, tmp_path, "--total-timesteps", "100000", "--no-progress", env={"FAIL_RANK": "1"}
+    )
     assert code != 0 and time.time() - start < 120
     summary = last_json(stdout)
     assert summary["status"] == "rank failed", stderr

@@ -179,6 +179,31 @@ def test_updates_and_evaluation_use_the_statistics_the_policy_was_trained_with(r
     assert seen["eval"] and all(c == last_count and torch.equal(m, last_mean) for c, m in seen["eval"])
 
 
+def test_resume_continues_with_the_statistics_of_every_observation(run_dir, monkeypatch):
+    """A resumed run's first update uses the checkpoint's obs_rms_next (all observations so far), as the
+    next iteration of an unbroken run would; and one iteration with --norm-obs, which would only measure,
+    is refused."""
+    first = pc.main(
+        args(run_dir, env_id="InvertedPendulum-v4", total_timesteps=512, num_steps=128, save_model=True)
+    )
+    path = f"{first['run_dir']}/checkpoint.pt"
+    stored = torch.load(path, weights_only=True)["agent"]
+    seen = []
+    real = pc.Agent.get_action_and_value
+
+    def spy(self, x, action=None):
+        seen.append((self.obs_rms.count.item(), self.obs_rms.mean.clone()))
+        return real(self, x, action)
+
+    monkeypatch.setattr(pc.Agent, "get_action_and_value", spy)
+    pc.main(pc.parse_args(["--resume", path, "--total-timesteps", "768", "--no-progress"]))
+    assert seen[0][0] == stored["obs_rms_next.count"].item() == 512
+    assert torch.equal(seen[0][1], stored["obs_rms_next.mean"])
+    with pytest.raises(pc.UsageError, match="less than 2 batch"):
+        pc.Args(total_timesteps=2048)  # 1 env x 2048 steps: one iteration
+    assert pc.Args(total_timesteps=2048, norm_obs=False).num_iterations == 1
+
+
 def test_eval_checkpoint_without_training(run_dir):
     summary = pc.main(
         args(run_dir, env_id="InvertedPendulum-v4", total_timesteps=512, num_steps=128, save_model=True)
