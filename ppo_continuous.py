@@ -204,8 +204,7 @@ class RunningMeanStd(nn.Module):
     @torch.no_grad()
     def update(self, x):
         batch_mean, batch_var, batch_count = x.mean(0), x.var(0, correction=0), x.shape[0]
-        delta = batch_mean - self.mean
-        total = self.count + batch_count
+        delta, total = batch_mean - self.mean, self.count + batch_count
         m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
         self.mean.add_(delta * batch_count / total)
         self.var.copy_(m2 / total)
