@@ -58,6 +58,30 @@ def read_scalars(run_dir: str) -> dict:
     return out
 
 
+# The longest tests, longest first (measured with `pytest --durations`): they start first, so the two xdist
+# workers end together instead of one running a long probe test while the other idles.
+SLOW_FIRST = [
+    "test_reinforce.py::test_probes_pass",
+    "test_ppo_procgen_impala.py::test_probes_pass",
+    "test_ppo_atari.py::test_probes_pass",
+    "test_ppo_continuous.py::test_probes_pass",
+    "test_ppo_atari_multigpu.py::test_probes_pass",
+    "test_ppo_continuous.py::test_inverted_pendulum_learns",
+    "test_ppo.py::test_probes_pass",
+    "test_ppo_atari_multigpu.py::test_two_ranks_hold_identical_weights_and_gather_every_episode",
+    "test_ppo.py::test_cartpole_learns",
+    "test_reinforce.py::test_cartpole_learns",
+]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = f"{item.path.name}::{item.originalname}"
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
+
+
 @pytest.fixture
 def run_dir(tmp_path):
     return str(tmp_path / "runs")
