@@ -58,8 +58,9 @@ def read_scalars(run_dir: str) -> dict:
     return out
 
 
-# The longest tests, longest first (measured with `pytest --durations`): they start first, so the two xdist
-# workers end together instead of one running a long probe test while the other idles.
+# The longest tests, longest first (measured with `pytest --durations`), run at the start of the suite rather
+# than at its end, where one of them could keep one xdist worker busy long after the other has run out of
+# tests. (xdist hands out consecutive chunks: the first worker takes these while the second takes the next.)
 SLOW_FIRST = [
     "test_reinforce.py::test_probes_pass",
     "test_ppo_procgen_impala.py::test_probes_pass",
