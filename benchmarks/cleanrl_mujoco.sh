@@ -10,7 +10,8 @@
 # pygame 2.1.0 and stable-baselines3 1.2.0, which do not install on Python 3.11: the wheel goes in with
 # --no-deps --ignore-requires-python, beside what ppo_continuous_action.py imports (gymnasium 0.28.1 as
 # cleanrl asks, mujoco 2.3.3, tensorboard, imageio for gymnasium's MuJoCo module). Seeds run two at a
-# time, one per core, one torch thread each. Results: benchmarks/cleanrl_mujoco.json.
+# time, one per core, one torch thread each. Results: benchmarks/cleanrl_mujoco.json, read from the TensorBoard
+# logs by the `python` on PATH: run it with this repository's venv active.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENV_ID=${1:-Hopper-v4}
