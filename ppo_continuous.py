@@ -65,7 +65,7 @@ class Args:
     torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
     cuda: bool = True  # if toggled, use CUDA when it is available
     torch_threads: int = 1  # CPU threads for torch; 1 is fastest for these small networks (README, Speed)
-    pin_cpu: bool = True  # on CPU, keep the process and envpool's workers on one core (README, Speed)
+    pin_cpu: bool = True  # on CPU, with one torch thread: keep the process and envpool's workers on one core
     compile: bool = False  # torch.compile acting and the loss (README, Speed; the first iteration compiles)
     cudagraphs: bool = False  # CUDA only: also record them as CUDA graphs (torch.compile's reduce-overhead)
     eval_episodes: int = 0  # episodes of greedy play after training, logged as eval/episodic_return
@@ -75,7 +75,7 @@ class Args:
     resume: Optional[str] = None  # a checkpoint to continue from; its args are the defaults, flags override
     eval_checkpoint: Optional[str] = None  # evaluate this checkpoint and exit (--eval-episodes, 0 means 10)
     run_dir: str = "runs"  # directory that holds one sub-directory per run
-    progress: bool = True  # show a progress bar when stdout is a terminal
+    progress: bool = True  # print a line (step, return, SPS) every tenth of the budget
     track: bool = False  # if toggled, also log to Weights & Biases (imported only then)
     wandb_project_name: str = "rl-scripts"  # the W&B project name
     wandb_entity: Optional[str] = None  # the W&B entity (team or user); None uses your default
@@ -86,7 +86,9 @@ class Args:
     num_iterations: int = field(init=False)  # the number of iterations (total_timesteps // batch_size)
 
     def __post_init__(self):
-        check_args(self)  # the ranges of all flags and the checkpoint files (in the harness below)
+        check_args(self)  # the ranges of all flags (in the harness below)
+        if self.cudagraphs and not (self.cuda and torch.cuda.is_available()):
+            raise UsageError("--cudagraphs needs a CUDA device (CUDA graphs replay GPU kernels)")
         self.batch_size = self.num_envs * self.num_steps
         if self.batch_size % self.num_minibatches:
             raise UsageError(
@@ -536,7 +538,7 @@ def train(args: Args, run):
         # ---- logging ----
         means = {k: (v / num_updates).item() for k, v in sums.items()}
         if not all(np.isfinite(v) for v in means.values()):  # one NaN or inf in any minibatch
-            run.fail("non-finite loss")
+            raise RunFailed("non-finite loss", f"non-finite loss at iteration {iteration}")
         b_valid_bool = b_valid.bool()
         ev = explained_variance(b_values[b_valid_bool], b_returns[b_valid_bool]).item()
         valid_adv = b_advantages[b_valid_bool]
@@ -557,53 +559,31 @@ def train(args: Args, run):
 
 
 # ============================================ RUN HARNESS ============================================
-# No reinforcement learning below this line, and the same bytes in every script (a test compares them).
-# train() above talks to it through `run`: start, iterations, annealed, log_episodes, log, fail, evaluate.
-# Here: argument checks, device, seeding and CPU pinning, checkpoints (plain data, loaded once), the run
-# directory, TensorBoard and W&B, SIGINT/SIGTERM, the progress line, summary.json and the JSON last line;
-# and, for a script that sets DATA_PARALLEL (run by torchrun), the ranks: rank 0 alone writes anything.
+# No reinforcement learning below this line, and the same bytes in every script (a test compares them):
+# checks, seeds, checkpoints, logs, stop signals and the JSON summary line, as docs/conventions.md says.
+import argparse
 import difflib
+import importlib
 import json
-import math
-import pickle
 import random
 import re
 import shutil
 import signal
 import sys
-import threading
 import time
-import traceback
-from collections import deque
 from dataclasses import fields
 
-import torch.distributed as dist
 import tyro
 
 SCRIPT = os.path.basename(__file__)
-CHECKPOINT_FORMAT = "rl-scripts checkpoint v2"
-CHECKPOINT_KEYS = ("script", "args", "global_step", "iteration", "episodes", "returns", "schedule", "rng")
-# Argument ranges, by field name (each script has some of these fields): (test, what the value must be).
-RULES = {
-    **dict.fromkeys(
-        ("num_envs", "num_steps", "num_minibatches", "update_epochs", "batch_size", "value_epochs")
-        + ("torch_threads", "save_interval", "total_timesteps"),
-        (lambda v: v >= 1, ">= 1"),
-    ),
-    **dict.fromkeys(
-        ("eval_episodes", "num_test_envs", "num_levels", "start_level"), (lambda v: v >= 0, ">= 0")
-    ),
-    **dict.fromkeys(("gamma", "gae_lambda"), (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")),
-    **dict.fromkeys(("learning_rate", "value_learning_rate", "clip_coef"), (lambda v: v > 0, "> 0")),
-    "max_grad_norm": (lambda v: v is None or v > 0, "> 0"),
-    "target_kl": (lambda v: v is None or v > 0, "> 0 (or None: off)"),
-    **dict.fromkeys(("ent_coef", "vf_coef"), (lambda v: v >= 0, ">= 0")),
-}
-# The Procgen games, so that another script can say that ppo_procgen_impala.py runs them
-PROCGEN_NAMES = (
-    "bigfish bossfight caveflyer chaser climber coinrun dodgeball fruitbot heist jumper leaper maze miner "
-    "ninja plunder starpilot"
-).split()
+CHECKPOINT = {"format": "rl-scripts checkpoint v3", "script": SCRIPT}  # and what save_checkpoint() adds
+RULES = [  # (what the value must be, its test, the fields; each script has some of them): finite numbers
+    ("≥ 1", lambda v: 1 <= v < np.inf, "num_envs num_steps num_minibatches update_epochs value_epochs"),
+    ("≥ 1", lambda v: 1 <= v < np.inf, "torch_threads save_interval total_timesteps batch_size"),
+    ("≥ 0", lambda v: 0 <= v < np.inf, "eval_episodes num_test_envs num_levels start_level ent_coef vf_coef"),
+    ("in [0, 1]", lambda v: 0 <= v <= 1, "gamma gae_lambda"),
+    ("> 0", lambda v: 0 < v < np.inf, "learning_rate value_learning_rate clip_coef max_grad_norm target_kl"),
+]
 
 
 class UsageError(Exception):
@@ -611,682 +591,249 @@ class UsageError(Exception):
 
 
 class RunFailed(Exception):
-    """A run that cannot go on; `status` names what happened and becomes the summary's status."""
-
-    def __init__(self, status: str, message: str):
-        super().__init__(message)
-        self.status = status
+    """RunFailed(status, message): a run that cannot go on; `status` becomes the summary's status."""
 
 
-class Interrupted(BaseException):
-    """Raised by a stop signal where nothing can wait for the end of an iteration (a second signal, or the
-    first during evaluation). A BaseException, so that no `except Exception` on the way swallows it."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def check_args(args):
-    """The ranges in RULES, finite numbers, existing checkpoint files; called by Args.__post_init__."""
-    for f in fields(args):
-        value, flag = getattr(args, f.name, None), "--" + f.name.replace("_", "-")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"{flag} must be a finite number, got {value}")
-        if f.name in RULES and f.init and not RULES[f.name][0](value):
-            raise UsageError(f"{flag} must be {RULES[f.name][1]}, got {value}")
+def check_args(args):  # the ranges in RULES
+    for rule, test, name in ((rule, test, name) for rule, test, names in RULES for name in names.split()):
+        if (v := getattr(args, name, None)) is not None and not test(v):  # (None: off)
+            raise UsageError(f"--{name.replace('_', '-')} must be {rule}, got {v}")
     if args.resume is not None and args.eval_checkpoint is not None:
         raise UsageError("--resume and --eval-checkpoint exclude each other (continue training, or evaluate)")
-    for flag, path in (("--resume", args.resume), ("--eval-checkpoint", args.eval_checkpoint)):
-        if path is not None and not os.path.isfile(path):
-            raise UsageError(f"{flag}: no checkpoint file at '{path}'")
-
-
-def runs_elsewhere(env_id: str):
-    """(what the id is, the script of this repository that runs it) for an Atari or Procgen id, else None."""
-    m = re.fullmatch(r"(ALE/)?([A-Za-z0-9]+?)(NoFrameskip-v4|-v5)", env_id)
-    if m and (m[1] or m[3] == "NoFrameskip-v4"):  # unmistakably Atari, and a game envpool has
-        with contextlib.redirect_stderr(io.StringIO()):
-            import envpool
-        if f"{m[2]}-v5" in envpool.list_all_envs():
-            return "an Atari id", "ppo_atari.py"
-    if re.sub(r"^(procgen:)?(procgen-)?|-v0$", "", env_id) in PROCGEN_NAMES:
-        return "a Procgen game", "ppo_procgen_impala.py"
-    return None
 
 
 def unknown_env_id(env_id: str, known) -> UsageError:
-    """The error for an id that no backend has: the script that runs it, or the closest known ids."""
-    elsewhere = runs_elsewhere(env_id)
-    if elsewhere is not None and elsewhere[1] != SCRIPT:
-        return UsageError(f"'{env_id}' is {elsewhere[0]}: {elsewhere[1]} runs it, not {SCRIPT}")
-    close = list(dict.fromkeys(difflib.get_close_matches(env_id.split(":")[-1], known, n=3)))
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return UsageError(f"unknown environment id '{env_id}'{hint}")
-
-
-def pin_to_current_core():
-    """Restrict this thread, and every thread it starts from now on (torch's, the environments' workers), to
-    the CPU core it is running on; return that core, or None where the OS has no CPU affinity (not Linux).
-    Already restricted to one core (`taskset -c 3 python ...`), it stays there."""
-    if not (hasattr(os, "sched_setaffinity") and os.path.exists("/proc/thread-self/stat")):
-        return None
-    with open("/proc/thread-self/stat") as f:
-        core = int(f.read().rsplit(")", 1)[1].split()[36])  # field 39 of proc(5): the CPU it last ran on
-    os.sched_setaffinity(0, {core})
-    return core
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-class NoWriter:
-    """The TensorBoard writer of the ranks other than 0, which log nothing."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
-def collective_failed(e: BaseException) -> bool:
-    """Whether `e` came out of a torch.distributed call (gloo raises a plain RuntimeError when a peer is gone)."""
-    frames = traceback.extract_tb(e.__traceback__)
-    return isinstance(e, dist.DistError) or bool(frames) and "torch/distributed/" in frames[-1].filename
+    close = ", ".join(dict.fromkeys(difflib.get_close_matches(env_id.split(":")[-1], known, n=3)))
+    return UsageError(f"unknown environment id '{env_id}'" + (f"; did you mean {close}?" if close else ""))
 
 
 def one_line(e: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+    return f"{type(e).__name__}: " + " ".join(str(e).split())[:300]
 
 
-_loaded = {}  # the last checkpoint read, by (path, modification time): parse_args and Run read it once
-
-
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint of this script, as plain data on the CPU. `weights_only=True` unpickles tensors and
-    plain containers only, so a file holding anything else is refused instead of run."""
-    key = (os.path.abspath(path), os.stat(path).st_mtime_ns)
-    if key not in _loaded:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise UsageError(
-                f"refused checkpoint '{path}': it holds objects other than tensors and plain data, "
-                "and loading those could run code"
-            ) from e
-        except Exception as e:
-            raise UsageError(f"cannot read checkpoint '{path}': {one_line(e)}") from e
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise UsageError(f"'{path}' is not a checkpoint of these scripts (or of an older version)")
-        missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] + [
-            k for k in ("args",) if not isinstance(ckpt.get(k), dict)
-        ]
-        if missing:
-            raise UsageError(f"checkpoint '{path}' is incomplete: no {', '.join(dict.fromkeys(missing))}")
-        if ckpt["script"] != SCRIPT:
-            raise UsageError(f"'{path}' was not written by this script ({SCRIPT}) but by {ckpt['script']}")
-        _loaded.clear()
-        _loaded[key] = ckpt
-    return _loaded[key]
-
-
-def write_atomically(path: str, data: bytes):
-    """Write to `path.tmp`, then rename: a crash, a signal or a full disk never leaves a truncated file,
-    and the previous file stays intact until the new one is complete."""
-    tmp = path + ".tmp"
+def load_checkpoint(path: str) -> dict:  # plain data: weights_only=True refuses (never runs) any object
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        status = (e.strerror or "write error").lower()  # e.g. "no space left on device"
-        raise RunFailed(status, f"{status}: cannot write {path}") from e
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # (an object other than tensors and data is refused: "Weights only load failed")
+        raise UsageError(f"cannot read checkpoint '{path}': {one_line(e)}") from e
+    if not isinstance(ckpt, dict) or any(ckpt.get(k) != v for k, v in CHECKPOINT.items()):
+        raise UsageError(f"'{path}' is not a complete checkpoint of {SCRIPT} (of this version)")
+    return ckpt
 
 
-def write_json(path: str, obj: dict):
-    write_atomically(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def rng_state(device) -> dict:
-    """Every random generator's state, in types that `weights_only` loading accepts."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])  # a CPU ByteTensor, as loaded
-    if torch.cuda.is_available():  # the GPUs that exist here (a checkpoint may come from a larger machine)
-        for i, cuda_state in enumerate(state.get("cuda", [])[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, i)
-
-
-class Run:
-    """One run: what train() needs besides the algorithm. See the fence comment for the calls."""
-
+class Run:  # train()'s calls first, then the internals (ppo_atari_multigpu.py's DataParallel overrides some)
     def __init__(self, args):
-        self.args = args
-        # torchrun starts one process per rank and says which in the environment; plain python is rank 0 of 1
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0)) if self.world_size > 1 else 0
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0)) if self.world_size > 1 else 0
-        if self.world_size > 1 and not globals().get("DATA_PARALLEL"):
+        self.args, cuda = args, args.cuda and torch.cuda.is_available()
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and "DataParallel" not in globals():
             raise UsageError(f"{SCRIPT} runs in one process; ppo_atari_multigpu.py is the one for torchrun")
-        cuda = torch.cuda.is_available() and args.cuda
-        if cuda and self.local_rank >= torch.cuda.device_count():
-            raise UsageError(
-                f"local rank {self.local_rank} but {torch.cuda.device_count()} CUDA device(s) here: start at most "
-                "one process per GPU (torchrun --nproc_per_node), or add --no-cuda"
-            )
-        self.device = torch.device("cuda", self.local_rank) if cuda else torch.device("cpu")
-        if self.world_size > 1:
-            if cuda:
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if cuda else "gloo")
-        # --pin-cpu first, so that every thread started later inherits the core: envpool steps the
-        # environments in worker threads, and a hand-off to another core costs more than a small env step.
-        # (Not with several ranks: they could land on one core.)
-        pin = args.pin_cpu and not cuda and hasattr(os, "sched_setaffinity") and self.world_size == 1
-        if pin and args.torch_threads > 1:
-            raise UsageError(
-                f"--pin-cpu holds the run to one core, where {args.torch_threads} torch threads would spin "
-                "against each other: add --no-pin-cpu, or use --torch-threads 1"
-            )
-        self.cpu_core = pin_to_current_core() if pin else None
+        if args.capture_video and importlib.util.find_spec("moviepy") is None:
+            raise UsageError("--capture-video needs moviepy: pip install -e '.[video]'")
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # videos render off-screen, with no display
+        warnings.filterwarnings("ignore", "pkg_resources is deprecated")  # moviepy's ffmpeg helper, on import
+        self.checkpoint = ckpt = load_checkpoint(p) if (p := args.resume or args.eval_checkpoint) else {}
+        self.cpu_core = None  # --pin-cpu: this and later threads on this core, if one torch thread (two spin)
+        if args.pin_cpu and not cuda and args.torch_threads == 1 and sys.platform == "linux":
+            with open("/proc/thread-self/stat") as f:  # field 39 of proc(5): the CPU it last ran on
+                self.cpu_core = int(f.read().rsplit(")", 1)[1].split()[36])
+            os.sched_setaffinity(0, {self.cpu_core})
+        self.device = torch.device("cuda" if cuda else "cpu")
         torch.set_num_threads(args.torch_threads)
-        seed_everything(args.seed + self.rank)  # rank 0's weights are broadcast in start()
         torch.backends.cudnn.deterministic = args.torch_deterministic
+        self.global_step, self.iteration = ckpt.get("global_step", 0), ckpt.get("iteration", 0)
+        for seed in (random.seed, np.random.seed, torch.manual_seed):  # a resume draws afresh, as its envs do
+            seed(args.seed + self.global_step)
+        self.episodes = dict(ckpt.get("episodes", {}))  # {prefix: count}; "" is training, "test_" ...
+        self.returns = dict(ckpt.get("returns", {}))  # {prefix: the last 100 returns}
+        self.path = self.writer = self.summary = self.stop_signal = self.error = self.sps = None
+        self.status, self.phase, self.evaluation = "finished", "start", {}
+        self.config = {f.name: getattr(args, f.name) for f in fields(args) if f.init}
+        self.info, self.start_time, self.start_step = {}, time.time(), self.global_step
 
-        if getattr(args, "cudagraphs", False) and self.device.type != "cuda":
-            raise UsageError("--cudagraphs needs a CUDA device (CUDA graphs replay GPU kernels)")
-        if args.capture_video:
-            # moviepy's ffmpeg helper warns on import about its own use of setuptools' pkg_resources
-            warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
-            try:
-                import moviepy  # noqa: F401  (the videos are written with it)
-            except ImportError as e:
-                raise UsageError("--capture-video needs moviepy: pip install -e '.[video]'") from e
-            # frames are rendered off-screen (rgb_array): SDL (pygame) needs no window, and without this it
-            # prints an error line about a missing XDG_RUNTIME_DIR on a machine without a desktop
-            os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-        if args.track and self.rank == 0:
-            self._check_wandb_login()
-        self.checkpoint = (
-            load_checkpoint(args.resume or args.eval_checkpoint)
-            if args.resume or args.eval_checkpoint
-            else None
-        )
-        progress = self.checkpoint or {}
-        self.global_step = progress.get("global_step", 0)
-        self.iteration = progress.get("iteration", 0)
-        self.episodes = dict(progress.get("episodes", {}))  # {prefix: count}; "" is training, "test_" ...
-        self.returns = {k: deque(v, maxlen=100) for k, v in progress.get("returns", {}).items()}
-        self.schedule = progress.get("schedule")  # [step, fraction, steps]: see annealed()
-        self.last_fraction = progress.get("last_fraction")
-        self.path = self.writer = self.bar = None
-        self.status, self.error, self.stop_signal, self.signal_time = "finished", None, None, 0.0
-        self.next_print = 0
-        self.info, self.summary, self.closed = {}, None, False
-        self.start_time, self.start_step = time.time(), self.global_step  # (again when training starts)
-
-    @staticmethod
-    def _check_wandb_login():
-        try:
-            import wandb
-        except ImportError as e:
-            raise UsageError("--track needs wandb: pip install wandb") from e
-        offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
-        if not offline and not wandb.login(prompt=False, verify=False):
-            raise UsageError(
-                "--track: not logged in to Weights & Biases (`wandb login`, or WANDB_MODE=offline)"
-            )
-
-    # ---- the calls from train() ----
     def start(self, steps: int, info: dict, **state):
-        """Register what a checkpoint holds (objects with state_dict/load_state_dict: the agent, the
-        optimizer, normalisers), restore it from --resume or --eval-checkpoint, and open the run directory.
-        `steps` is the budget of environment steps; `info` ({"backend": ...}) goes into the summary."""
-        self.steps, self.info, self.state = steps, dict(info), state
-        ckpt, args = self.checkpoint, self.args
-        if ckpt is not None:
-            for name, obj in state.items():
-                # an optimizer keeps the rate it was built with: the flags', which override the checkpoint's
-                rates = [g["lr"] for g in obj.param_groups] if isinstance(obj, torch.optim.Optimizer) else []
-                try:
-                    obj.load_state_dict(ckpt[name])
-                    for group, rate in zip(getattr(obj, "param_groups", []), rates, strict=False):
-                        group["lr"] = rate
-                except (KeyError, ValueError, RuntimeError) as e:
-                    path = args.resume or args.eval_checkpoint
-                    raise UsageError(
-                        f"checkpoint '{path}' does not fit this run's {name}: {one_line(e)}"
-                    ) from e
-        for obj in state.values():  # every rank starts from rank 0's weights
-            if self.world_size > 1 and isinstance(obj, torch.nn.Module):
-                for tensor in obj.state_dict().values():
-                    dist.broadcast(tensor, 0)
-        if args.eval_checkpoint:
-            return
-        if ckpt is not None:
-            set_rng_state(ckpt["rng"])  # rank 0's; the other ranks draw streams of their own
-            if self.rank > 0:
-                seed_everything(args.seed + self.rank + self.world_size * self.global_step)
-            if self.global_step >= steps:
-                self.status = "already finished"
-                return
-            stored = ckpt["args"]
-            new_rate = args.learning_rate != stored["learning_rate"]
-            if new_rate or steps != self.schedule[2]:
-                # a new budget or a new rate: from the rate reached (or the new one) to 0 over what remains
-                self.schedule = [self.global_step, 1.0 if new_rate else self.last_fraction or 1.0, steps]
-            self.path = os.path.dirname(os.path.abspath(args.resume))
-        else:
-            self.schedule = [0, 1.0, steps]
-            self.path = self._make_run_dir() if self.rank == 0 else None
-            if self.world_size > 1:  # rank 0's, so that every rank names the same run in its messages
-                paths = [self.path]
-                dist.broadcast_object_list(paths, 0)
-                self.path = paths[0]
-        self._open_logs()
-        if ckpt is not None and self.rank == 0:  # the resume and what it changed go on record (args.json
-            # keeps the first start)
-            given = {k: v for k, v in self.args_dict().items() if k not in ("resume", "eval_checkpoint")}
-            changed = {k: [ckpt["args"].get(k), v] for k, v in given.items() if ckpt["args"].get(k) != v}
-            record = {"global_step": self.global_step, "iteration": self.iteration, "changed": changed}
+        """Restore the objects a checkpoint holds (state_dict, load_state_dict) and open the run directory."""
+        self.steps, self.info, self.state, args = steps, dict(info), state, self.args
+        for name, obj in state.items() if self.checkpoint else ():
+            rates = [g["lr"] for g in getattr(obj, "param_groups", [])]  # the flags' rates, not the stored
             try:
-                with open(os.path.join(self.path, "resumes.jsonl"), "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as e:
-                raise RunFailed((e.strerror or "write error").lower(), f"cannot write in {self.path}") from e
-        self.writer.add_text("environment", f"{args.env_id}: " + ", ".join(map(str, self.info.values())))
-        where = ", ".join(map(str, self.info.values()))
-        print(f"run: {self.path}  env: {args.env_id} ({where})  device: {self.device}", flush=True)
-        if steps < args.total_timesteps:  # whole iterations only: say so rather than stop short in silence
-            size = f" of {args.batch_size} steps" if hasattr(args, "batch_size") else ""
-            total = args.total_timesteps
-            print(f"budget: --total-timesteps {total} rounded down to {steps} (whole iterations{size})")
-        self.start_time, self.start_step = time.time(), self.global_step
+                obj.load_state_dict(self.checkpoint[name])
+            except (KeyError, ValueError, RuntimeError) as e:
+                raise UsageError(f"the checkpoint does not fit this run's {name}: {one_line(e)}") from e
+            for group, rate in zip(getattr(obj, "param_groups", []), rates, strict=True):
+                group["lr"] = rate
+        if not (args.eval_checkpoint or args.resume and self.global_step >= steps):  # (finished: untouched)
+            self.open()
+        self.start_time, self.start_step, self.next_print = time.time(), self.global_step, self.global_step
 
     def iterations(self):
-        """Iteration numbers, 1, 2, ... (continuing after a resume), until the budget of steps is spent or
-        a stop signal arrived. Each iteration ends with run.log(); with --save-model, a checkpoint follows
-        every --save-interval iterations."""
-        while self.path is not None and self.global_step < self.steps and not self._stopping():
-            self.iteration += 1
-            step_before = self.global_step
+        """1, 2, ... (on from a resume) until the budget is spent or a stop signal came; saves as asked."""
+        while self.path and self.global_step < self.steps and not self.stopping():
+            self.iteration, self.phase = self.iteration + 1, "iteration"
             yield self.iteration
-            if self.global_step == step_before:
-                raise RuntimeError("train() must call run.log(global_step, ...) once in every iteration")
-            if self.args.save_model and self.iteration % self.args.save_interval == 0 and self.rank == 0:
+            if self.args.save_model and self.iteration % self.args.save_interval == 0:
                 self.save_checkpoint()
-        if self.stop_signal is not None and self.path is not None and self.global_step < self.steps:
-            self.status = "interrupted"
+        if self.path and (self.global_step < self.steps or self.stop_signal):
+            self.status = "interrupted"  # (a signal in the last iteration skips the evaluation too)
 
-    def annealed(self, rate: float) -> float:
-        """`rate` annealed linearly to 0 at the end of the budget. A resumed run continues the schedule; with
-        a new budget (or a new --learning-rate) it goes from the rate reached (or the new one) to 0 over the
-        steps that remain, never jumping."""
-        start_step, fraction, steps = self.schedule
-        self.last_fraction = fraction * (1.0 - (self.global_step - start_step) / (steps - start_step))
-        return self.last_fraction * rate
+    def annealed(self, rate: float) -> float:  # linearly to 0 at the end of the budget
+        return rate * (1.0 - self.global_step / self.steps)
 
     def log_episodes(self, global_step: int, returns: list, lengths: list = None, prefix: str = ""):
-        """Episodes that ended in this iteration: their mean return (and length) at global_step; the summary
-        keeps the last 100 returns and the count. `prefix` keeps a second kind apart (e.g. "test_"). With
-        several ranks, every rank's episodes, gathered."""
-        if self.world_size > 1:
-            gathered = [None] * self.world_size
-            dist.all_gather_object(gathered, (list(returns), list(lengths or [])))
-            returns = [r for rank_returns, _ in gathered for r in rank_returns]
-            lengths = (
-                [n for _, rank_lengths in gathered for n in rank_lengths] if lengths is not None else None
-            )
+        """Episodes that ended in this iteration (`prefix` keeps a second kind apart, e.g. "test_")."""
         self.episodes[prefix] = self.episodes.get(prefix, 0) + len(returns)
-        self.returns.setdefault(prefix, deque(maxlen=100)).extend(float(r) for r in returns)
-        if len(returns):
-            self.writer.add_scalar(f"charts/{prefix}episodic_return", np.mean(returns), global_step)
-        if lengths is not None and len(lengths):
-            self.writer.add_scalar(f"charts/{prefix}episodic_length", np.mean(lengths), global_step)
+        self.returns[prefix] = (self.returns.get(prefix, []) + [float(r) for r in returns])[-100:]
+        for kind, values in (("return", returns), ("length", lengths or [])):
+            if len(values):
+                self.writer.add_scalar(f"charts/{prefix}episodic_{kind}", np.mean(values), global_step)
 
-    def log(self, global_step: int, scalars: dict):
-        """The end of an iteration: its metrics (and the SPS) to TensorBoard at global_step, the progress."""
-        self.global_step = global_step
-        sps = int((global_step - self.start_step) / max(time.time() - self.start_time, 1e-9))
+    def log(self, global_step: int, scalars: dict):  # an iteration's metrics; each tenth, the progress line
+        self.global_step, seconds = global_step, max(time.time() - self.start_time, 1e-9)
+        self.sps = sps = int((global_step - self.start_step) / seconds)
         for tag, value in {**scalars, "charts/SPS": sps}.items():
             self.writer.add_scalar(tag, value, global_step)
-        recent = float(np.mean(self.returns[""])) if self.returns.get("") else float("nan")
-        if self.bar is not None:
-            self.bar.update(global_step - self.bar.n)
-            self.bar.set_postfix(sps=sps, ret=f"{recent:.1f}", refresh=False)
-        elif self.args.progress and global_step >= self.next_print:  # about every tenth of the budget
+        if self.args.progress and global_step >= self.next_print:
             self.next_print = global_step + self.steps / 10
+            recent = np.mean(self.returns[""]) if self.returns.get("") else float("nan")
             print(f"step {global_step:>10}  return(last100) {recent:8.2f}  SPS {sps}", flush=True)
 
-    def mean_over_ranks(self, values: dict) -> dict:
-        """{name: number or 0-d tensor} -> {name: float}, each averaged over the ranks (one all-reduce). In
-        one process, the values as floats."""
-        stacked = torch.stack([torch.as_tensor(v).to(self.device, torch.float64) for v in values.values()])
-        if self.world_size > 1:
-            dist.all_reduce(stacked)
-            stacked /= self.world_size
-        return dict(zip(values, stacked.tolist(), strict=True))
-
-    def fail(self, status: str):
-        """Stop the run: `status` (e.g. "non-finite loss") names why. The last checkpoint is kept as it is."""
-        kept = self.checkpoint_path if os.path.exists(self.checkpoint_path or "") else None
-        where = f" at iteration {self.iteration}" + (f"; the last good checkpoint is {kept}" if kept else "")
-        raise RunFailed(status, f"{status}{where}: stopped")
-
     def evaluate(self, play):
-        """After training: the checkpoint and summary.json are written first, so that nothing can lose the
-        finished run; then `play(episodes, video_folder)` returns the returns of that many evaluation
-        episodes (--eval-episodes; one with --capture-video). A stop signal ends the evaluation at once."""
-        args = self.args
-        self._close_training()
-        if self.world_size > 1 and self.status in ("finished", "interrupted"):
-            # no rank exits before rank 0 has written: torchrun stops the others when one exits with an error
-            dist.all_reduce(torch.zeros((), device=self.device))
+        """Save the run, then play(episodes, video_folder) greedy episodes; a stop signal ends them."""
+        args, self.phase = self.args, "evaluation"
+        self.save()
         episodes = args.eval_episodes or (10 if args.eval_checkpoint else int(args.capture_video))
         if self.status != "finished" or episodes == 0:
             return
-        if self.stop_signal is not None:  # arrived after the last iteration
-            self.status = "evaluation interrupted"
-            return
-        if self.rank > 0:  # rank 0 evaluates; the others have nothing left to do
-            return
-        folder = os.path.dirname(os.path.abspath(args.eval_checkpoint)) if args.eval_checkpoint else self.path
-        self.status = "evaluation interrupted"  # until play() returns; a signal now stops it at once
-        returns = play(episodes, os.path.join(folder, "videos") if args.capture_video else None)
-        self.status = "finished"
-        self.summary.update(eval_episodes=len(returns), eval_return_mean=float(np.mean(returns)))
-        self.summary["eval_return_std"] = float(np.std(returns))
-        if self.writer is not None:
-            for i, r in enumerate(returns):
-                self.writer.add_scalar("eval/episodic_return", r, i)
+        where = self.path or os.path.dirname(os.path.abspath(args.eval_checkpoint))
+        returns = play(episodes, os.path.join(where, "videos") if args.capture_video else None)
+        self.evaluation = dict(eval_episodes=len(returns), eval_return_mean=float(np.mean(returns)))
+        self.evaluation["eval_return_std"] = float(np.std(returns))
+        for i, r in enumerate(returns if self.writer else []):
+            self.writer.add_scalar("eval/episodic_return", r, i)
 
-    # ---- internals ----
-    def args_dict(self) -> dict:
-        return {f.name: getattr(self.args, f.name) for f in fields(self.args) if f.init}
-
-    @property
-    def checkpoint_path(self):
-        return os.path.join(self.path, "checkpoint.pt") if self.path else None
-
-    def save_checkpoint(self):
-        progress = {"global_step": self.global_step, "iteration": self.iteration, "episodes": self.episodes}
-        progress.update(returns={k: list(v) for k, v in self.returns.items()}, schedule=self.schedule)
-        state = {name: obj.state_dict() for name, obj in self.state.items()}
-        meta = {"format": CHECKPOINT_FORMAT, "script": SCRIPT, "args": self.args_dict()}
-        meta["rng"] = rng_state(self.device)
-        buffer = io.BytesIO()
-        torch.save({**meta, **progress, "last_fraction": self.last_fraction, **state}, buffer)
-        write_atomically(self.checkpoint_path, buffer.getvalue())
-
-    def _make_run_dir(self) -> str:
-        args = self.args
-        name = re.sub(
-            r"[^A-Za-z0-9_.\-]", "-", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        )
-        path, n = os.path.join(args.run_dir, name), 1
-        while True:
-            try:
-                os.makedirs(path)
-                break
-            except FileExistsError:  # another run started in the same second
-                path, n = os.path.join(args.run_dir, f"{name}-{n}"), n + 1
-            except OSError as e:
-                raise UsageError(f"--run-dir: cannot create '{path}': {e.strerror}") from e
-        try:  # every argument, derived sizes included
-            write_json(os.path.join(path, "args.json"), {f.name: getattr(args, f.name) for f in fields(args)})
-        except RunFailed as e:
-            shutil.rmtree(path, ignore_errors=True)
-            raise UsageError(f"--run-dir: {e}") from e
-        return path
-
-    def _stopping(self) -> bool:
-        """Whether a stop signal arrived; with several ranks, at any rank, so that all stop together."""
-        if self.world_size > 1:
-            signum = torch.tensor(self.stop_signal or 0, device=self.device)
-            dist.all_reduce(signum, op=dist.ReduceOp.MAX)
-            if self.stop_signal is None and signum.item():
-                self.stop_signal, self.signal_time = int(signum.item()), time.time()
+    def stopping(self) -> bool:
         return self.stop_signal is not None
 
-    def _open_logs(self):
+    def open(self):
         args = self.args
-        if self.rank > 0:
-            self.writer = NoWriter()
-            return
-        if args.track:
-            import wandb
-
-            try:
-                wandb.init(
-                    project=args.wandb_project_name,
-                    entity=args.wandb_entity,
-                    sync_tensorboard=True,
-                    config=self.args_dict(),
-                    name=os.path.basename(self.path),
-                    dir=self.path,
-                    save_code=True,
-                )
-            except Exception as e:
-                if not args.resume:
-                    shutil.rmtree(self.path, ignore_errors=True)
-                raise UsageError(f"--track: W&B did not start: {one_line(e)}") from e
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(self.path)
-        table = "\n".join(f"|{k}|{v}|" for k, v in self.args_dict().items())
-        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-        show_bar = args.progress and sys.stdout.isatty()
-        if show_bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.steps, initial=self.global_step, unit="step")
-        self.next_print = self.global_step + self.steps / 10
-
-    def _close_training(self):
-        """Once: the progress bar, the checkpoint (--save-model, a stop signal, or a resumed run, whose
-        checkpoint must end where it ends) and summary.json."""
-        if self.summary is not None:
-            return
-        if self.bar is not None:
-            self.bar.close()
-        args = self.args
-        if args.eval_checkpoint:
-            self.summary = {"env_id": args.env_id, "checkpoint": args.eval_checkpoint, "status": self.status}
-            self.summary["global_step"] = self.global_step
-            return
-        self.summary = {
-            "env_id": args.env_id,
-            "seed": args.seed,
-            "global_step": self.global_step,
-            "episodes": self.episodes.get("", 0),
-            "episodic_return_mean_last100": float(np.mean(self.returns[""]))
-            if self.returns.get("")
-            else None,
-            "sps": int((self.global_step - self.start_step) / max(time.time() - self.start_time, 1e-9)),
-            "wall_seconds": round(time.time() - self.start_time, 2),
-            "status": self.status,
-            **self.info,
-            "cpu_core": self.cpu_core,
-        }
-        for prefix in sorted(k for k in self.returns if k):
-            self.summary[f"{prefix}episodes"] = self.episodes[prefix]
-            returns = self.returns[prefix]
-            self.summary[f"{prefix}episodic_return_mean_last100"] = (
-                float(np.mean(returns)) if returns else None
-            )
-        resumed_path = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
-        self.summary["run_dir"] = self.path or resumed_path
-        if self.world_size > 1:
-            self.summary["ranks"] = self.world_size
-        if self.status == "already finished":  # the run's own record, untouched
-            with contextlib.suppress(OSError, ValueError):
-                with open(os.path.join(self.summary["run_dir"], "summary.json")) as f:
-                    old = {k: v for k, v in json.load(f).items() if k not in ("signal", "error")}
-                    self.summary = {**old, "status": self.status}
-        if self.path is None or self.status == "already finished" or self.rank > 0:
-            return
-        healthy = self.status in ("finished", "interrupted")
-        if healthy and (args.save_model or args.resume or self.stop_signal is not None):
-            self.save_checkpoint()
-        write_json(os.path.join(self.path, "summary.json"), self.summary)
-
-    def fail_at_close(self, e: RunFailed):
-        """A failure while closing: it names the status, unless an earlier failure already did."""
-        if self.error is None:
-            self.status, self.error = e.status, str(e)
-            print(f"error: {e}", file=sys.stderr, flush=True)
-
-    def close(self):
-        """The end, whatever happened: the checkpoint and summary.json (again, with the evaluation), the logs,
-        and the JSON line, printed last and always."""
-        if self.closed:
-            return
-        self.closed = True
+        if args.resume:
+            path = os.path.dirname(os.path.abspath(args.resume))
+        else:
+            name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            path = os.path.join(args.run_dir, re.sub(r"[^A-Za-z0-9_.\-]", "-", name))
+            path += f"-{os.getpid()}" if os.path.exists(path) else ""  # another run started in this second
         try:
-            self._close_training()
-        except RunFailed as e:
-            self.fail_at_close(e)
-        for finish in (self.writer.close if self.writer else None, self._finish_wandb):
+            os.makedirs(path, exist_ok=bool(args.resume))
+            self.path, name = path, f"args-{self.global_step}.json" if args.resume else "args.json"
+            self.write(name, json.dumps(self.config))
+        except (OSError, RunFailed) as e:
+            raise UsageError(f"--run-dir: cannot create '{path}': {getattr(e, 'strerror', e)}") from e
+        if args.track:
             try:
-                if finish is not None:
-                    finish()
-            except Exception as e:  # e.g. the disk filled up while TensorBoard flushed its events
-                self.fail_at_close(RunFailed("logs not written", f"cannot write the logs: {one_line(e)}"))
-        # strict JSON for every parser: a NaN or infinite number (e.g. the returns of NaN rewards) is null
-        summary = {
-            k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in self.summary.items()
-        }
-        summary["status"] = self.status
+                where = dict(project=args.wandb_project_name, entity=args.wandb_entity, dir=path)
+                wandb = importlib.import_module("wandb")
+                wandb.init(**where, name=os.path.basename(path), config=self.config, sync_tensorboard=True)
+            except Exception as e:  # e.g. not logged in: `wandb login`, or WANDB_MODE=offline
+                raise UsageError(f"--track: W&B did not start: {one_line(e)}") from e
+        self.writer = importlib.import_module("torch.utils.tensorboard").SummaryWriter(path)
+        info = "".join(f"  {k}: {v}" for k, v in {**self.info, "budget": self.steps}.items())
+        print(f"run: {self.path}  env: {args.env_id}{info}  device: {self.device}", flush=True)
+
+    def write(self, name: str, data: str | bytes):  # atomic: a complete name.tmp, renamed to name
+        path = os.path.join(self.path, name)
+        try:
+            with open(path + ".tmp", "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+            os.replace(path + ".tmp", path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(path + ".tmp")
+            raise RunFailed((e.strerror or "write error").lower(), f"{e.strerror}: {path}") from e
+
+    def save_checkpoint(self):
+        ckpt = {**CHECKPOINT, "args": self.config, "episodes": self.episodes, "returns": self.returns}
+        ckpt.update(global_step=self.global_step, iteration=self.iteration)
+        torch.save({**ckpt, **{k: v.state_dict() for k, v in self.state.items()}}, buffer := io.BytesIO())
+        self.write("checkpoint.pt", buffer.getvalue())
+
+    def save(self, healthy=True):  # summary.json, after the checkpoint (--save-model, a signal, a resume)
+        args, mean = self.args, lambda returns: float(np.mean(returns)) if returns else None
+        summary = dict(env_id=args.env_id, seed=args.seed, global_step=self.global_step, status=self.status)
+        for prefix in sorted(self.returns | {"": []}):  # "" (training) first, then e.g. "test_"
+            summary[f"{prefix}episodes"] = self.episodes.get(prefix, 0)
+            summary[f"{prefix}episodic_return_mean_last100"] = mean(self.returns.get(prefix))
+        summary.update(sps=self.sps, wall_seconds=round(time.time() - self.start_time, 2), **self.info)
+        summary.update(cpu_core=self.cpu_core, run_dir=self.path, checkpoint=args.eval_checkpoint)
+        summary.update(**self.evaluation, error=self.error, signal=self.stop_signal and self.stop_signal.name)
+        # strict JSON for every parser: a NaN or infinite number (the returns of NaN rewards) is null
+        nonfinite = [k for k, v in summary.items() if isinstance(v, float) and not np.isfinite(v)]
+        self.summary = {**summary, **dict.fromkeys(nonfinite)}
+        healthy = healthy and self.path and self.status in ("finished", "interrupted")  # (not mid-iteration)
+        if healthy and (args.save_model or args.resume or self.stop_signal):
+            self.save_checkpoint()
+        if self.path:
+            self.write("summary.json", json.dumps(self.summary, indent=2))
+
+    def on_signal(self, signum: int, frame=None):
+        """The first SIGINT or SIGTERM stops after this iteration; a second, or one in evaluation, at once."""
+        first, self.stop_signal = self.stop_signal is None, self.stop_signal or signal.Signals(signum)
+        if self.phase != "closing" and (not first or self.phase == "evaluation"):  # (closing: only recorded)
+            raise KeyboardInterrupt(self.stop_signal.name)
+        name = self.stop_signal.name  # os.write, not print: the signal may have come inside a print
+        os.write(2, f"\n{name}: finishing this iteration, then saving ({name} again quits)\n".encode())
+
+    def close(self):  # the end, whatever happened: checkpoint, summary.json, logs, the JSON line (last)
+        healthy, self.phase = self.phase != "iteration", "closing"
+        try:
+            self.save(healthy)
+        except RunFailed as e:  # e.g. a full disk: summary.json, if it can, with the status that says why
+            self.status, self.error = e.args
+            with contextlib.suppress(RunFailed):
+                self.save()
         if self.error:
-            summary["error"] = self.error
-        if self.stop_signal is not None:
-            summary["signal"] = signal.Signals(self.stop_signal).name
-        self.summary = summary
-        if self.path is not None and self.status != "already finished" and self.rank == 0:
-            try:
-                write_json(os.path.join(self.path, "summary.json"), summary)
-            except RunFailed as e:
-                self.fail_at_close(e)
-                summary.update(status=self.status, error=self.error)
-        print(json.dumps(summary, allow_nan=False), flush=True)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-    def _finish_wandb(self):
-        if self.args.track and self.path is not None and self.rank == 0:
-            import wandb
-
-            wandb.finish()
+            print(f"error: {self.error}", file=sys.stderr, flush=True)
+        if self.writer:
+            self.writer.close()
+        if self.writer and self.args.track:
+            importlib.import_module("wandb").finish()
+        print(json.dumps(self.summary, allow_nan=False), flush=True)
 
 
 def main(args) -> dict:
-    """train(args, run) inside the harness. Returns the summary, also printed as the last stdout line; its
-    "status" says how the run ended (cli() maps it to the exit code). Bad input raises UsageError first.
-
-    SIGINT and SIGTERM: the first asks the run to stop after the current iteration (during evaluation, it
-    stops the evaluation at once); a second one quits at once. While the run closes (checkpoint, summary,
-    JSON line), signals are only recorded: nothing can cut the last line off."""
-    run = None
-
-    def on_signal(signum, frame):
-        if run is not None and run.closed:
-            run.stop_signal = run.stop_signal or signum
-            return
-        if run is not None and run.world_size > 1 and signum == run.stop_signal:
-            if (
-                time.time() - run.signal_time < 10
-            ):  # the same stop, delivered again (torchrun, Slurm, terminal)
-                return
-        if run is None or run.stop_signal is not None or run.status == "evaluation interrupted":
-            raise Interrupted(signum)
-        run.stop_signal, run.signal_time = signum, time.time()
-        name = signal.Signals(signum).name
-        # os.write, not print: a signal can arrive while the loop is inside a print of its own
-        message = f"\n{name}: finishing this iteration, then saving a checkpoint ({name} again quits now)\n"
-        os.write(2, message.encode())
-
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    """train(args, run) in the harness: returns the summary, printed as the last stdout line."""
+    # ppo_atari_multigpu.py defines a class DataParallel above its fence: mixed into Run, it runs torchrun
+    run = (type("Run", (DataParallel, Run), {}) if "DataParallel" in globals() else Run)(args)  # noqa: F821
+    handlers = {s: signal.signal(s, run.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        run = Run(args)
-        try:
-            train(args, run)
-        except RunFailed as e:
-            run.status, run.error = e.status, str(e)
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        except Interrupted as e:  # a second signal, or one during evaluation
-            run.stop_signal = run.stop_signal or e.signum
-            if run.status != "evaluation interrupted":
-                run.status = "aborted"  # no checkpoint: the user asked to quit now
-            print(f"\n{e.args[0]}: stopped", file=sys.stderr, flush=True)
-        except UsageError:
-            if run.path is not None and not args.resume and run.rank == 0:
-                shutil.rmtree(run.path, ignore_errors=True)  # a run that never started leaves nothing behind
-            raise
-        except Exception as e:
-            if run.world_size > 1 and collective_failed(e):  # another rank stopped; its own error says why
-                run.status, run.error = "rank failed", f"another rank stopped: {one_line(e)}"
-                print(f"error: {run.error}", file=sys.stderr, flush=True)
-            else:  # a bug: its traceback follows the summary of what the run had done
-                run.status = "crashed"
-                run.close()
-                raise
-        if run.status == "already finished" and run.rank == 0:
-            where = os.path.dirname(os.path.abspath(args.resume))
-            print(
-                f"already finished: {where} is at step {run.global_step} of {run.steps}; nothing to do "
-                "(a larger --total-timesteps continues it)",
-                file=sys.stderr,
-            )
-        run.close()
+        train(args, run)
+    except RunFailed as e:
+        run.status, run.error = e.args
+    except KeyboardInterrupt as e:  # a second signal (no new checkpoint), or one during evaluation
+        run.status, run.stop_signal = "interrupted", run.stop_signal or signal.SIGINT
+        print(f"\n{e or 'SIGINT'}: stopped", file=sys.stderr, flush=True)
+    except Exception as e:  # a usage error (nothing is left behind) or a bug, whose traceback follows
+        run.status = "usage error" if isinstance(e, UsageError) else "crashed"
+        raise
     finally:
+        if run.status != "usage error":
+            run.close()
+        elif run.path and not args.resume:
+            shutil.rmtree(run.path, ignore_errors=True)
         for s, handler in handlers.items():
             signal.signal(s, handler)
     return run.summary
 
 
 def parse_args(argv=None) -> "Args":
-    """tyro parsing; with --resume or --eval-checkpoint, the checkpoint's arguments are the defaults and the
-    flags given override them. An evaluation does not inherit the run's logging, saving or video flags."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    for flag in ("resume", "eval_checkpoint"):
-        path = None
-        for i, arg in enumerate(argv):  # --resume PATH, --resume=PATH, --eval_checkpoint PATH, ...
-            name, equals, value = arg.partition("=")
-            if name.lstrip("-").replace("-", "_") == flag and name.startswith("--"):
-                path = value if equals else (argv[i + 1] if i + 1 < len(argv) else None)
-        if path is not None and os.path.isfile(path):
-            break
-    else:
+    """tyro; with --resume or --eval-checkpoint, the stored arguments are the defaults that flags override."""
+    find = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the checkpoint, before the checks
+    find.add_argument("--resume")
+    find.add_argument("--eval-checkpoint", "--eval_checkpoint")
+    given = vars(find.parse_known_args(argv)[0])
+    if not (path := given["resume"] or given["eval_checkpoint"]):
         return tyro.cli(Args, args=argv)
-    stored = load_checkpoint(path)["args"]
-    given = {"resume": None, "eval_checkpoint": None, flag: path}
-    if flag == "eval_checkpoint":
+    if given["eval_checkpoint"]:  # an evaluation does not inherit the run's logging, saving or video
         given.update(track=False, save_model=False, capture_video=False)
     try:
-        default = Args(**{**stored, **given})
+        default = Args(**{**load_checkpoint(path)["args"], **given})
     except TypeError as e:
         raise UsageError(f"'{path}' holds arguments this script does not have ({e})") from e
     args = tyro.cli(Args, args=argv, default=default)
@@ -1294,27 +841,19 @@ def parse_args(argv=None) -> "Args":
 
 
 def cli() -> int:
-    """The exit code: 0 for a finished run (also one already finished), 128 + the signal's number for a run
-    stopped by a signal (130 for SIGINT, 143 for SIGTERM, as a shell reports them), 1 for any failure.
-    Under torchrun, the ranks other than 0 print nothing on stdout (their errors still go to stderr)."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and int(os.environ.get("RANK", 0)) > 0:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
+    """Exit 0 when finished, 128 + the signal's number when stopped by one (130, 143), 1 on any failure."""
     try:
         summary = main(parse_args())
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        print(json.dumps({"status": "usage error", "error": str(e)}), flush=True)
-        return 1
-    except (Interrupted, KeyboardInterrupt) as e:  # before the run started: nothing to save
-        name = e.args[0] if isinstance(e, Interrupted) else "SIGINT"
-        print(f"{name}: stopped before the run started", file=sys.stderr, flush=True)
-        print(json.dumps({"status": "aborted", "signal": name}), flush=True)
-        return 128 + signal.Signals[name].value
-    if summary["status"] in ("finished", "already finished"):
-        return 0
-    if summary["status"] in ("interrupted", "evaluation interrupted", "aborted"):
+        summary = {"status": "usage error", "error": str(e)}
+    except KeyboardInterrupt:  # before the run started: nothing to save
+        summary = {"status": "interrupted", "signal": "SIGINT"}
+    if "run_dir" not in summary:  # (a run prints its own)
+        print(json.dumps(summary), flush=True)
+    if summary["status"] == "interrupted":
         return 128 + signal.Signals[summary["signal"]].value
-    return 1
+    return 0 if summary["status"] == "finished" else 1
 
 
 if __name__ == "__main__":

@@ -12,6 +12,15 @@ sys.path.insert(0, ROOT)
 from tests.conftest import read_scalars  # noqa: E402  (reads TensorBoard event files)
 
 
+def pin_to_current_core() -> int:
+    """This thread, and every thread it starts later (envpool's workers), on the core it runs on now: what
+    the scripts' --pin-cpu does (field 39 of /proc/thread-self/stat, see proc(5), is that core)."""
+    with open("/proc/thread-self/stat") as f:
+        core = int(f.read().rsplit(")", 1)[1].split()[36])
+    os.sched_setaffinity(0, {core})
+    return core
+
+
 def run_script(script, run_dir, *flags):
     """Run a top-level script as a user would; return its JSON summary (the last line of stdout)."""
     cmd = [

@@ -19,7 +19,7 @@ import sys
 import time
 
 import numpy as np
-from common import ROOT
+from common import ROOT, pin_to_current_core
 
 sys.path.insert(0, ROOT)
 
@@ -83,7 +83,7 @@ def main():
 
     torch.set_num_threads(1)
     device = torch.device("cuda" if args.cuda else "cpu")
-    core = ppo_atari.pin_to_current_core()  # first: envpool's worker threads inherit the core
+    core = pin_to_current_core()  # first: envpool's worker threads inherit the core
     envs = ppo_atari.make_env("BreakoutNoFrameskip-v4", 8, 1)
     rng = np.random.default_rng(1)
     envs.reset()

@@ -22,7 +22,7 @@ import sys
 import time
 
 import numpy as np
-from common import ROOT, run_script
+from common import ROOT, pin_to_current_core, run_script
 
 # script: (environment steps of the training run: a few iterations of the default batch, extra flags)
 BUDGETS = {
@@ -65,7 +65,7 @@ def env_only_sps(script, seconds=10.0, seed=1):
     defaults = module.Args(total_timesteps=10**9)
     previous_cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     if defaults.pin_cpu:  # on one core if the script's training runs there by default (--pin-cpu)
-        module.pin_to_current_core()
+        pin_to_current_core()
     envs = module.make_env(defaults.env_id, defaults.num_envs, seed)
     space = envs.single_action_space
     rng = np.random.default_rng(seed)

@@ -253,7 +253,7 @@ def test_smoke_outputs_metrics_and_means(run_dir, monkeypatch):
         logged = scalars[f"losses/{key}"][0][1]
         assert logged == pytest.approx(np.mean([m[key] for m in first_update]), rel=1e-5, abs=1e-7)
     ckpt = torch.load(os.path.join(path, "checkpoint.pt"), weights_only=True)
-    assert {"agent", "optimizer", "args", "global_step", "iteration", "rng"} <= set(ckpt)
+    assert {"agent", "optimizer", "args", "global_step", "iteration", "episodes", "returns"} <= set(ckpt)
     assert not [f for f in os.listdir(path) if f.endswith(".tmp")]
 
 
