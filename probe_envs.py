@@ -173,6 +173,13 @@ SCRIPTS = {
     "ppo_continuous.py": ScriptProbes(
         {"Continuous": ALL}, ["--total-timesteps", "16384", "--no-norm-reward"], probe_flags={3: PROBE3_FLAGS}
     ),
+    # ppo_continuous.py's budget, on the adaptive KL penalty (its default objective, clip, is ppo_continuous.py's
+    # to the bit: tests/test_ppo_objectives.py)
+    "ppo_objectives.py": ScriptProbes(
+        {"Continuous": ALL},
+        ["--total-timesteps", "16384", "--no-norm-reward", "--objective", "adaptive-kl"],
+        probe_flags={3: PROBE3_FLAGS},
+    ),
     "ppo_atari.py": ScriptProbes(
         {"Atari": ALL},
         ["--total-timesteps", "8192", "--num-envs", "8", "--num-steps", "32", "--learning-rate", "1e-3"],
