@@ -106,6 +106,11 @@ SMALL = {
     "reinforce.py": dict(total_timesteps=256, num_envs=4, batch_size=64),
     "reinforce_baseline.py": dict(total_timesteps=256, num_envs=4, batch_size=64),
     "ppo_continuous.py": dict(total_timesteps=256, num_envs=2, num_steps=64, num_minibatches=4),
+    # on adaptive-kl, the objective that keeps state of its own (beta, in the checkpoint): its default, clip,
+    # is ppo_continuous.py's to the bit (tests/test_ppo_objectives.py)
+    "ppo_objectives.py": dict(
+        total_timesteps=256, num_envs=2, num_steps=64, num_minibatches=4, objective="adaptive-kl"
+    ),
     "ppo_atari.py": dict(total_timesteps=256, num_envs=2, num_steps=64),
     # the Nature CNN here: these runs test conventions, and the IMPALA CNN costs ~8x more on a CPU
     # (tests/test_ppo_procgen_impala.py runs both networks)
@@ -120,6 +125,7 @@ CLI_STEPS = {s: 4096 for s in SMALL}
 CLI_FLAGS = {s: [] for s in SMALL}
 CLI_STEPS["ppo_atari.py"] = 1024
 CLI_FLAGS["ppo_atari.py"] = ["--num-steps", "64"]
+CLI_FLAGS["ppo_objectives.py"] = ["--objective", "adaptive-kl"]
 CLI_STEPS["ppo_procgen_impala.py"] = 1024
 CLI_FLAGS["ppo_procgen_impala.py"] = ["--num-envs", "8", "--num-steps", "64", "--network", "nature"]
 CLI_FLAGS["ppo_procgen_impala.py"] += ["--num-test-envs", "2"]
@@ -129,11 +135,12 @@ DEFAULT_ENV = {
     "reinforce.py": "CartPole-v1",
     "reinforce_baseline.py": "CartPole-v1",
     "ppo_continuous.py": "HalfCheetah-v4",
+    "ppo_objectives.py": "HalfCheetah-v4",
     "ppo_atari.py": "BreakoutNoFrameskip-v4",
     "ppo_procgen_impala.py": "bigfish",
 }
 COUNTING = {s: "tests.envs:Counting{}-v0" for s in SMALL}
-COUNTING["ppo_continuous.py"] = "tests.envs:Counting{}Continuous-v0"
+COUNTING["ppo_continuous.py"] = COUNTING["ppo_objectives.py"] = "tests.envs:Counting{}Continuous-v0"
 COUNTING["ppo_atari.py"] = "tests.envs:Counting{}Atari-v0"
 COUNTING["ppo_procgen_impala.py"] = "tests.envs:Counting{}Procgen-v0"
 

@@ -41,14 +41,17 @@ STEPS_PER_ITERATION = {
     "reinforce.py": [1],
     "reinforce_baseline.py": [1, 20],
     "ppo_continuous.py": [40],
+    "ppo_objectives.py": [40],
     "ppo_atari.py": [16],
     "ppo_procgen_impala.py": [24],  # 3 epochs x 8 minibatches
 }
+MEASURE_FIRST = ("ppo_continuous.py", "ppo_objectives.py")  # (the MuJoCo scripts: observation statistics)
 # A fast environment of each script's kind for the tests that play whole episodes on gymnasium, and one
 # that can render for the video test (the probes cannot; an untrained Breakout game is short).
 QUICK_ENV = {
     **DEFAULT_ENV,
     "ppo_continuous.py": "InvertedPendulum-v4",
+    "ppo_objectives.py": "InvertedPendulum-v4",
     "ppo_atari.py": "probe_envs:Probe1Atari-v0",
     "ppo_procgen_impala.py": "probe_envs:Probe1Procgen-v0",
 }
@@ -101,6 +104,9 @@ SCRIPT_BAD_INPUT = {
         CUDAGRAPHS_ON_CPU,
         (["--env-id", "CartPole-v1"], "needs Box (continuous) actions"),
     ],
+    "ppo_objectives.py": [
+        (["--env-id", "CartPole-v1"], "needs Box (continuous) actions")
+    ],  # (its own: its tests)
     "ppo_atari.py": [
         CUDAGRAPHS_ON_CPU,
         (
@@ -176,7 +182,7 @@ def test_resume_continues_the_run(script, run_dir):
     assert after["iteration"] > before["iteration"] and after["global_step"] == second["global_step"]
     # Adam's step counts continued from the checkpoint rather than restarting
     steps = sorted({s["step"].item() for s in after["optimizer"]["state"].values()})
-    updates = after["iteration"] - (script == "ppo_continuous.py")  # its first iteration only measures
+    updates = after["iteration"] - (script in MEASURE_FIRST)  # their first iteration only measures
     assert steps == [k * updates for k in STEPS_PER_ITERATION[script]]
     tb_steps = [s for s, _ in read_scalars(first["run_dir"])["charts/SPS"]]
     assert max(tb_steps) == second["global_step"] and len(tb_steps) == after["iteration"]
@@ -275,7 +281,7 @@ def test_gymnasium_backend_and_eval(script, run_dir):
 def test_capture_video(script, run_dir, monkeypatch):
     pytest.importorskip("moviepy", reason="--capture-video needs moviepy (the [video] extra)")
     env_id = VIDEO_ENV[script]
-    if script == "ppo_continuous.py":  # MuJoCo needs an off-screen OpenGL (EGL here)
+    if script in MEASURE_FIRST:  # MuJoCo needs an off-screen OpenGL (EGL here)
         monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))
         try:
             env = gym.make(env_id, render_mode="rgb_array")
