@@ -133,6 +133,20 @@ SCRIPT_BAD_INPUT = {
 }
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_input_from_the_shell_is_one_line_nonzero_and_writes_nothing(tmp_path, script):
+    """As a user meets it, in a process of its own (every other bad input: the test below, in this one)."""
+    flags, message = BAD_INPUT[0]
+    proc = run_cli(
+        script, *CLI_FLAGS[script], *flags, "--run-dir", tmp_path / "runs", "--total-timesteps", "4096"
+    )
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert last_json(proc.stdout)["status"] == "usage error"  # a sweep's `| tail -1` still parses
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize(
     "script, flags, message",
     [
@@ -143,14 +157,19 @@ SCRIPT_BAD_INPUT = {
         + [(["--env-id", WRONG_OBSERVATIONS[s][0]], WRONG_OBSERVATIONS[s][1])]
     ],
 )
-def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, script, flags, message):
-    proc = run_cli(
-        script, *CLI_FLAGS[script], *flags, "--run-dir", tmp_path / "runs", "--total-timesteps", "4096"
-    )
-    assert proc.returncode == 1
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert last_json(proc.stdout)["status"] == "usage error"  # a sweep's `| tail -1` still parses
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(
+    tmp_path, script, flags, message, monkeypatch, capsys
+):
+    """The script's cli() as `python script.py` runs it, in this process (a Python process and torch's import
+    cost each case seconds): any exception but the usage error would fail the test, as a traceback would."""
+    argv = [*CLI_FLAGS[script], *flags, "--run-dir", str(tmp_path / "runs"), "--total-timesteps", "4096"]
+    # (no pinning and one thread: this process runs every later test)
+    monkeypatch.setattr(sys, "argv", [script, "--no-pin-cpu", "--torch-threads", "1", *argv])
+    code = load_script(script).cli()
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert last_json(out)["status"] == "usage error"
     assert not (tmp_path / "runs").exists()
 
 
@@ -350,8 +369,14 @@ def thread_cores():
 """
 
 
+# One script per kind of environment that its default starts: reinforce.py, reinforce_baseline.py and
+# ppo_objectives.py have ppo.py's make_env word for word (test above) and a default env of ppo.py's or
+# ppo_continuous.py's, and the pinning is the harness's, the same bytes everywhere.
+PIN_SCRIPTS = ["ppo.py", "ppo_continuous.py", "ppo_atari.py", "ppo_procgen_impala.py"]
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/thread-self/stat"), reason="CPU affinity is Linux-only")
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", PIN_SCRIPTS)
 def test_pinning_holds_every_later_thread(script):
     """--pin-cpu puts the calling thread on the core it is running on, and every thread started after it
     (envpool's workers, torch's) inherits that core; without it the workers may use every core."""

@@ -77,6 +77,22 @@ def test_each_objective_on_hand_worked_tensors(objective):
     assert batch["newvalue"].grad is not None  # the critic still learns
 
 
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_norm_adv_normalises_as_ppo_loss_does(objective):
+    """With --norm-adv (the default) each objective sees the advantages that ppo_loss normalises: the same
+    loss as on advantages normalised beforehand without it."""
+    batch = hand_worked_batch()
+    normalised = po.normalize_advantages(batch["advantages"], batch["mask"])
+    on = po.objective_loss(**batch, args=po.Args(objective=objective, total_timesteps=10**6))
+    off = po.objective_loss(
+        **{**batch, "advantages": normalised},
+        args=po.Args(objective=objective, norm_adv=False, total_timesteps=10**6),
+    )
+    assert on[0].item() == pytest.approx(off[0].item(), abs=1e-6)
+    assert on[1]["policy_loss"].item() != pytest.approx(po.objective_loss(**batch, args=po.Args(
+        objective=objective, norm_adv=False, total_timesteps=10**6))[1]["policy_loss"].item())  # fmt: skip
+
+
 def test_clip_objective_is_ppo_loss_itself():
     a = po.Args(total_timesteps=10**6)
     batch = hand_worked_batch()
@@ -145,8 +161,16 @@ def test_each_objective_runs_end_to_end(objective, run_dir):
     kl = [v for _, v in scalars["losses/kl"]]
     assert all(k > 0 and math.isfinite(k) for k in kl)  # every update moved the policy, by a finite KL
     assert ("losses/kl_coef" in scalars) == (objective in ("kl", "adaptive-kl"))
-    ckpt = torch.load(f"{summary['run_dir']}/checkpoint.pt", weights_only=True)
-    assert ckpt["kl_coef"]["value"].item() > 0
+
+
+def test_a_larger_beta_keeps_the_policy_closer(run_dir):
+    """The penalty's gradient reaches the policy in train(): with beta 100 the updates move it far less
+    (the KL after each update, losses/kl) than with beta 0.01 (no penalty to speak of), on the same data."""
+    kls = {}
+    for beta in (0.01, 100.0):
+        summary = po.main(args(run_dir, objective="kl", kl_coef=beta, learning_rate=3e-3))
+        kls[beta] = [v for _, v in read_scalars(summary["run_dir"])["losses/kl"]]
+    assert kls[100.0][0] < kls[0.01][0] / 3, kls  # (the first update: the same rollout for both)
 
 
 def test_adaptive_kl_adapts_beta_and_a_resume_continues_it(run_dir):
@@ -164,7 +188,9 @@ def test_adaptive_kl_adapts_beta_and_a_resume_continues_it(run_dir):
         assert following == pytest.approx(po.adapt_kl_coef(beta, kl, 1e-4))
     assert len(set(betas + [stored])) > 1, (betas, kls)  # it did change
     sizes = ["--total-timesteps", "1280", "--no-progress"]  # (the rest: the checkpoint's arguments)
-    second = po.main(po.parse_args(["--resume", path, *sizes]))
+    second = po.main(
+        po.parse_args(["--resume", path, *sizes, "--kl-coef", "0.123"])
+    )  # (the checkpoint's wins)
     assert second["status"] == "finished"
     resumed = [
         v for step, v in read_scalars(first["run_dir"])["losses/kl_coef"] if step > first["global_step"]
@@ -199,3 +225,12 @@ def test_unknown_objective_is_refused_by_the_command_line(capsys):
         po.parse_args(["--objective", "trpo"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "trpo" in err and "adaptive-kl" in err
+
+
+def test_policy_probes_pass_on_adaptive_kl():
+    """Probes 4 and 5 test the policy, the part the objective changes (1 to 3 test the critic: the code of
+    ppo_continuous.py's, whose probe test runs them; `python probe_envs.py --scripts ppo_objectives.py` runs
+    all five)."""
+    import probe_envs
+
+    assert probe_envs.main(["--scripts", "ppo_objectives.py", "--probes", "4", "5"]) == 0
