@@ -14,7 +14,7 @@ Details: Huang et al. 2022, "The 37 Implementation Details of Proximal Policy Op
 `ppo_continuous_action.py`.
 
 Run:    python ppo_objectives.py --env-id Hopper-v4 --objective adaptive-kl --kl-dtarg 0.01
-Expect: docs/results.md's objectives table (python benchmarks/objectives.py), next to the paper's.
+Expect: clip best, the KL penalties a little below, pg at random play (docs/results.md, the paper's Table 1).
 
 Read top to bottom: Args, ENVIRONMENT, NETWORK, ALGORITHM, then train(): the whole algorithm. Below the
 RUN HARNESS fence: checkpoints, signals, logging set-up and the command line, the same in every script.
