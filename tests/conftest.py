@@ -62,14 +62,14 @@ def read_scalars(run_dir: str) -> dict:
 # than at its end, where one of them could keep one xdist worker busy long after the other has run out of
 # tests. (xdist hands out consecutive chunks: the first worker takes these while the second takes the next.)
 SLOW_FIRST = [
-    "test_reinforce.py::test_probes_pass",
-    "test_ppo_procgen_impala.py::test_probes_pass",
     "test_ppo_atari.py::test_probes_pass",
-    "test_ppo_continuous.py::test_probes_pass",
-    "test_ppo_atari_multigpu.py::test_probes_pass",
+    "test_ppo_procgen_impala.py::test_probes_pass",
     "test_ppo_continuous.py::test_inverted_pendulum_learns",
-    "test_ppo.py::test_probes_pass",
+    "test_reinforce.py::test_probes_pass",
+    "test_ppo_continuous.py::test_probes_pass",
     "test_ppo_atari_multigpu.py::test_two_ranks_hold_identical_weights_and_gather_every_episode",
+    "test_ppo.py::test_probes_pass",
+    "test_ppo_objectives.py::test_policy_probes_pass_on_adaptive_kl",
     "test_ppo.py::test_cartpole_learns",
     "test_reinforce.py::test_cartpole_learns",
 ]

@@ -230,7 +230,13 @@ def test_resume_from_another_scripts_checkpoint_is_a_clear_error(run_dir):
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+# The stop flag is read by the harness's run.iterations() and the checkpoint written by the harness (the same
+# bytes in every script; what each script puts in its checkpoint: the resume test above, for every script):
+# one script per kind of training loop, in a process of its own as a scheduler would signal it.
+SIGNAL_SCRIPTS = ["reinforce.py", "ppo.py", "ppo_continuous.py"]
+
+
+@pytest.mark.parametrize("script", SIGNAL_SCRIPTS)
 def test_sigterm_saves_checkpoint_and_summary(script, run_dir):
     """SIGTERM (what Slurm and Kubernetes send) does what Ctrl-C does: finish the iteration, checkpoint,
     summary, JSON line; exit 143 (128 + 15, as a shell reports it). Ctrl-C itself: test_harness.py."""
@@ -369,10 +375,11 @@ def thread_cores():
 """
 
 
-# One script per kind of environment that its default starts: reinforce.py, reinforce_baseline.py and
-# ppo_objectives.py have ppo.py's make_env word for word (test above) and a default env of ppo.py's or
-# ppo_continuous.py's, and the pinning is the harness's, the same bytes everywhere.
-PIN_SCRIPTS = ["ppo.py", "ppo_continuous.py", "ppo_atari.py", "ppo_procgen_impala.py"]
+# One script per kind of environment threads that its default starts: envpool's (ppo.py; reinforce.py,
+# reinforce_baseline.py, ppo_continuous.py and ppo_objectives.py have its make_env word for word, test above,
+# and envpool MuJoCo ids start the same worker threads), envpool Atari's, procgen's; the pinning is the
+# harness's, the same bytes everywhere.
+PIN_SCRIPTS = ["ppo.py", "ppo_atari.py", "ppo_procgen_impala.py"]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/thread-self/stat"), reason="CPU affinity is Linux-only")

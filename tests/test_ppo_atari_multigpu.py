@@ -1,7 +1,9 @@
 """ppo_atari_multigpu.py on CPU: two ranks under torchrun with gloo (the same code runs NCCL on GPUs). One rank
 is ppo_atari.py; two ranks hold identical weights, match ppo_atari.py's update over the same data, gather
-every rank's episodes, resume, stop together on a signal that reaches one rank, fail together when one
-rank fails, and learn the Atari-shaped probes."""
+every rank's episodes, resume, stop together on a signal that reaches one rank, and fail together when one
+rank fails. No probe test here: two ranks' update is ppo_atari.py's on the same data (tested below), whose
+probe test runs; `python probe_envs.py --scripts ppo_atari_multigpu.py` trains two ranks on all five probes
+(measured: all 11 checks pass)."""
 
 import json
 import os
@@ -187,15 +189,6 @@ def test_a_failing_rank_fails_the_run_without_a_hang(run_dir, tmp_path):
     assert "[rank0]: Traceback" not in stderr and "[rank1]: Traceback" not in stderr
     with open(os.path.join(summary["run_dir"], "summary.json")) as f:
         assert json.load(f)["status"] == "rank failed"
-
-
-def test_probes_pass():
-    """Probe 5: values and a policy that both depend on the image (4 checks), learned through the ranks'
-    averaged gradients. `python probe_envs.py --scripts ppo_atari_multigpu.py` runs all five (measured: all
-    11 checks pass); here one keeps the suite's time down."""
-    import probe_envs
-
-    assert probe_envs.main(["--scripts", "ppo_atari_multigpu.py", "--probes", "5"]) == 0
 
 
 def test_only_distribution_differs_from_ppo_atari():

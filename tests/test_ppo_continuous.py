@@ -229,9 +229,12 @@ def test_eval_checkpoint_without_training(run_dir):
 
 # ------------------------------------------------------------------------------------------------ learning
 def test_probes_pass():
+    """Probes 3 (discounting, through GAE) and 5 (a mean action and a value that both depend on the
+    observation); 1, 2 and 4 check the same code on easier tasks. `python probe_envs.py --scripts
+    ppo_continuous.py` runs all five (measured 2026-12-03: all pass)."""
     import probe_envs
 
-    assert probe_envs.main(["--scripts", "ppo_continuous.py"]) == 0
+    assert probe_envs.main(["--scripts", "ppo_continuous.py", "--probes", "3", "5"]) == 0
 
 
 def test_inverted_pendulum_learns(run_dir):

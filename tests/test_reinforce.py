@@ -213,9 +213,13 @@ def test_smoke_outputs_and_metrics(script, env_id, run_dir):
 
 # ------------------------------------------------------------------------------------------------ learning
 def test_probes_pass():
+    """Probe 5 (a policy that depends on the observation, and for the baseline a value that does) on both
+    action spaces, and probe 3 (discounting) for the baseline's returns: 6 of the 14 runs that
+    `python probe_envs.py --scripts reinforce.py reinforce_baseline.py` makes (measured 2026-12-03: all
+    pass). Probes 1, 2 and 4 check the same code on easier tasks."""
     import probe_envs
 
-    assert probe_envs.main(["--scripts", *BOTH]) == 0
+    assert probe_envs.main(["--scripts", *BOTH, "--probes", "3", "5"]) == 0
 
 
 @pytest.mark.parametrize("script", BOTH)
