@@ -39,6 +39,22 @@ def run_cli(script, *args, cwd=None, env=None, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or ROOT, env=full_env, timeout=timeout)
 
 
+@pytest.fixture
+def cli_here(monkeypatch, capsys):
+    """run_cli's result from the script's cli() in this process, as `python script.py ARGS` runs it, for the
+    runs that stop at an error before training (a fresh Python process and torch's import cost seconds each):
+    without pinning and on one torch thread, as this process runs every later test."""
+
+    def run(script, *args):
+        argv = [script, "--no-pin-cpu", "--torch-threads", "1", *map(str, args)]
+        monkeypatch.setattr(sys, "argv", argv)
+        code = load_script(script).cli()
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code, out, err)
+
+    return run
+
+
 def last_json(stdout: str) -> dict:
     """The JSON summary that every script prints as its last stdout line."""
     return json.loads(stdout.strip().splitlines()[-1])

@@ -157,19 +157,15 @@ def test_bad_input_from_the_shell_is_one_line_nonzero_and_writes_nothing(tmp_pat
         + [(["--env-id", WRONG_OBSERVATIONS[s][0]], WRONG_OBSERVATIONS[s][1])]
     ],
 )
-def test_bad_input_is_one_line_nonzero_and_writes_nothing(
-    tmp_path, script, flags, message, monkeypatch, capsys
-):
-    """The script's cli() as `python script.py` runs it, in this process (a Python process and torch's import
-    cost each case seconds): any exception but the usage error would fail the test, as a traceback would."""
-    argv = [*CLI_FLAGS[script], *flags, "--run-dir", str(tmp_path / "runs"), "--total-timesteps", "4096"]
-    # (no pinning and one thread: this process runs every later test)
-    monkeypatch.setattr(sys, "argv", [script, "--no-pin-cpu", "--torch-threads", "1", *argv])
-    code = load_script(script).cli()
-    out, err = capsys.readouterr()
-    assert code == 1
-    assert message in err and len(err.strip().splitlines()) == 1, err
-    assert last_json(out)["status"] == "usage error"
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, script, flags, message, cli_here):
+    """In this process (cli_here): any exception but the usage error would fail the test, as a traceback
+    would."""
+    proc = cli_here(
+        script, *CLI_FLAGS[script], *flags, "--run-dir", tmp_path / "runs", "--total-timesteps", 4096
+    )
+    assert proc.returncode == 1
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert last_json(proc.stdout)["status"] == "usage error"
     assert not (tmp_path / "runs").exists()
 
 
@@ -223,9 +219,9 @@ def test_eval_checkpoint_evaluates_without_training(script, run_dir):
     assert load_ckpt(ckpt_path)["global_step"] == first["global_step"]
 
 
-def test_resume_from_another_scripts_checkpoint_is_a_clear_error(run_dir):
+def test_resume_from_another_scripts_checkpoint_is_a_clear_error(run_dir, cli_here):
     summary = load_script("reinforce.py").main(small_args("reinforce.py", run_dir, save_model=True))
-    proc = run_cli("ppo.py", "--resume", os.path.join(summary["run_dir"], "checkpoint.pt"))
+    proc = cli_here("ppo.py", "--resume", os.path.join(summary["run_dir"], "checkpoint.pt"))
     assert proc.returncode == 1 and "is not a complete checkpoint of ppo.py (of this version)" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 

@@ -84,10 +84,10 @@ def test_a_checkpoint_is_read_on_the_cpu_as_data(run_dir, monkeypatch):
     assert all(v.device.type == "cpu" for v in ckpt["agent"].values())
 
 
-def test_an_incomplete_checkpoint_is_one_line(tmp_path):
+def test_an_incomplete_checkpoint_is_one_line(tmp_path, cli_here):
     torch.save({"format": ppo.CHECKPOINT["format"]}, tmp_path / "bare.pt")
     for flag in ("--resume", "--eval-checkpoint"):
-        proc = run_cli("ppo.py", flag, tmp_path / "bare.pt", "--run-dir", tmp_path / "runs")
+        proc = cli_here("ppo.py", flag, tmp_path / "bare.pt", "--run-dir", tmp_path / "runs")
         one_error_line(proc, "is not a complete checkpoint of ppo.py")
     assert not (tmp_path / "runs").exists()
 
@@ -107,11 +107,11 @@ def test_checkpoint_flags_in_every_spelling_take_the_stored_arguments(run_dir):
         assert args.save_model == ("--resume" in argv[0]), argv
 
 
-def test_a_checkpoint_for_other_shapes_is_one_line(run_dir):
+def test_a_checkpoint_for_other_shapes_is_one_line(run_dir, cli_here):
     summary, path = first_run(run_dir)
     before = snapshot(summary["run_dir"])
     for flag in ("--resume", "--eval-checkpoint"):
-        proc = run_cli("ppo.py", flag, path, "--env-id", "Acrobot-v1", "--total-timesteps", "4096")
+        proc = cli_here("ppo.py", flag, path, "--env-id", "Acrobot-v1", "--total-timesteps", "4096")
         one_error_line(proc, "does not fit this run's agent")
     assert snapshot(summary["run_dir"]) == before
 
@@ -266,9 +266,9 @@ def test_a_full_disk_keeps_the_previous_checkpoint(run_dir):
     assert not os.path.lexists(path + ".tmp") and open(path, "rb").read() == previous
 
 
-def test_an_unwritable_run_dir_fails_before_writing(tmp_path):
+def test_an_unwritable_run_dir_fails_before_writing(tmp_path, cli_here):
     (tmp_path / "a-file").write_text("")
-    proc = run_cli("ppo.py", "--run-dir", tmp_path / "a-file" / "runs", "--total-timesteps", "512")
+    proc = cli_here("ppo.py", "--run-dir", tmp_path / "a-file" / "runs", "--total-timesteps", "512")
     one_error_line(proc, "--run-dir: cannot create")
     assert os.listdir(tmp_path) == ["a-file"]
 
