@@ -1,7 +1,7 @@
 """Where a PPO iteration's time goes, here and in CleanRL: py-spy samples mapped to the training loop's parts.
 
     pip install py-spy                        # once (a sampling profiler; it runs beside the script)
-    python benchmarks/profile_breakdown.py    # the three workloads of vs_cleanrl.py, both sides (about 6 min)
+    python benchmarks/profile_breakdown.py    # the three workloads of vs_cleanrl.py, both sides (6 to 10 min here)
 
 Each side runs once at the workload's defaults (vs_cleanrl.py's scripts, budgets and CleanRL venv), on one core
 with one torch thread, under `py-spy record --rate 200` (py-spy itself samples from the other core). Every
