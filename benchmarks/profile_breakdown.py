@@ -1,12 +1,12 @@
 """Where a PPO iteration's time goes, here and in CleanRL: py-spy samples mapped to the training loop's parts.
 
     pip install py-spy                        # once (a sampling profiler; it runs beside the script)
-    python benchmarks/profile_breakdown.py    # the three workloads of vs_cleanrl.py, both sides (6 to 10 min here)
+    python benchmarks/profile_breakdown.py    # vs_cleanrl.py's three workloads, both sides (6 to 10 min here)
 
-Each side runs once at the workload's defaults (vs_cleanrl.py's scripts, budgets and CleanRL venv), on one core
-with one torch thread, under `py-spy record --rate 200` (py-spy itself samples from the other core). Every
-sample of the main thread is charged to the statement of the training loop it was in (the innermost frame in
-the script's file: train() here, CleanRL's module-level loop), and each statement to a part found from the
+Each side runs once at the workload's defaults (vs_cleanrl.py's scripts, budgets and CleanRL venv), on one
+core with one torch thread, under `py-spy record --rate 200` (py-spy itself samples from the other core).
+Every sample of the main thread is charged to the statement of the training loop it was in (its frame of
+train() here, of the script's module-level code in CleanRL), and each statement to a part found from the
 loop's structure (ast), the same way on both sides:
     env step    the statement that calls envs.step (with CleanRL's gymnasium wrappers, which run inside it)
     acting      the rollout's statements that run the policy (get_action...)
@@ -49,7 +49,8 @@ def line_parts(source):
     tree = ast.parse(source)
     loop = next(  # the loop over iterations: the one whose body loops over the rollout's steps
         n for n in ast.walk(tree)
-        if isinstance(n, ast.For) and any(isinstance(s, ast.For) and ast.unparse(s.target) == "step" for s in n.body)
+        if isinstance(n, ast.For)
+        and any(isinstance(s, ast.For) and ast.unparse(s.target) == "step" for s in n.body)
     )  # fmt: skip
     parts = {loop.lineno: "harness"}
     phase = "harness"
@@ -101,7 +102,7 @@ def profile(cmd, script_path, ours, workdir, env):
                 if fn == func and os.path.basename(file) == name and line.isdigit():
                     part = parts.get(int(line), "outside the loop")
             counts[part] += int(n)
-    return counts, proc.stdout
+    return counts
 
 
 def main():
@@ -140,7 +141,7 @@ def main():
             results[name] = {"steps": steps}
             for side, (cmd, path, is_ours) in sides.items():
                 env = {**os.environ, "OMP_NUM_THREADS": "1"}
-                counts, _ = profile(cmd, path, is_ours, workdir, env)
+                counts = profile(cmd, path, is_ours, workdir, env)
                 ms = {p: round(1000 * counts[p] / RATE / steps * 1000, 1) for p in PARTS}
                 ms["loop total"] = round(sum(ms[p] for p in PARTS), 1)
                 ms["outside the loop (s)"] = round(counts["outside the loop"] / RATE, 1)
