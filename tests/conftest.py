@@ -39,6 +39,16 @@ def run_cli(script, *args, cwd=None, env=None, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or ROOT, env=full_env, timeout=timeout)
 
 
+def wait_for_an_iteration(proc):
+    """Read a running script's stdout up to its first progress line ("step N ..."), printed when the first
+    iteration has been logged: a signal sent after it finds the training loop running, however slowly a
+    loaded machine got there (no sleep to guess). Needs the progress lines (no --no-progress)."""
+    for line in proc.stdout:
+        if line.startswith("step "):
+            return
+    raise AssertionError(f"the run ended before its first iteration: {proc.stderr.read()}")
+
+
 @pytest.fixture
 def cli_here(monkeypatch, capsys):
     """run_cli's result from the script's cli() in this process, as `python script.py ARGS` runs it, for the

@@ -1,6 +1,6 @@
 """ppo_atari_multigpu.py's command line under torchrun, with hooks for the tests (set by environment
-variables): RANK_OUT=DIR writes this rank's pid at the start and its weights at the end (DIR/pid<rank>,
-DIR/rank<rank>.pt); FIXED_ACTIONS=1 makes acting take action 0 (so that two runs see the same data);
+variables): RANK_OUT=DIR writes this rank's pid at the start, DIR/logged<rank> once it has logged an iteration,
+and its weights at the end (DIR/pid<rank>, DIR/rank<rank>.pt); FIXED_ACTIONS=1 makes acting take action 0 (so that two runs see the same data);
 FAIL_RANK=R makes rank R fail (a RunFailed, as a full disk would) at its second gradient all-reduce."""
 
 import os
@@ -25,6 +25,13 @@ if out:
         real_close(self)
 
     m.Run.close = close
+    real_log = m.Run.log
+
+    def log(self, global_step, scalars):
+        real_log(self, global_step, scalars)
+        open(os.path.join(out, f"logged{self.rank}"), "w").close()
+
+    m.Run.log = log
 
 if os.environ.get("FIXED_ACTIONS"):
     m.Agent.get_action = action_zero

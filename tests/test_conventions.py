@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import gymnasium as gym
 import pytest
@@ -30,6 +29,7 @@ from tests.conftest import (
     read_scalars,
     run_cli,
     small_args,
+    wait_for_an_iteration,
 )
 
 SCRIPTS = list(SMALL)
@@ -244,9 +244,7 @@ def test_sigterm_saves_checkpoint_and_summary(script, run_dir):
         text=True,
         cwd=ROOT,
     )
-    first = proc.stdout.readline()  # "run: ..." is printed once the run has started
-    assert first.startswith("run: "), first + proc.stderr.read()
-    time.sleep(1.0)
+    wait_for_an_iteration(proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err

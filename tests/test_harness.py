@@ -19,7 +19,7 @@ import torch
 
 import ppo
 import tests.envs  # noqa: F401  (registers Counting-v0 and friends)
-from tests.conftest import ROOT, last_json, read_scalars, run_cli, small_args
+from tests.conftest import ROOT, last_json, read_scalars, run_cli, small_args, wait_for_an_iteration
 
 
 def first_run(run_dir, **overrides):
@@ -119,7 +119,7 @@ def test_a_checkpoint_for_other_shapes_is_one_line(run_dir, cli_here):
 # ------------------------------------------------------------------------------------------- signals
 def start_cli(run_dir, *flags):
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "ppo.py"), "--run-dir", run_dir, "--no-progress", *flags],
+        [sys.executable, os.path.join(ROOT, "ppo.py"), "--run-dir", run_dir, *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -133,7 +133,7 @@ def start_cli(run_dir, *flags):
 
 def test_sigint_checkpoints_and_exits_130(run_dir):
     proc, path = start_cli(run_dir, "--total-timesteps", "50000000")
-    time.sleep(1.0)
+    wait_for_an_iteration(proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -146,11 +146,12 @@ def test_sigint_checkpoints_and_exits_130(run_dir):
 
 
 def test_a_second_signal_quits_at_once_without_a_traceback(run_dir):
-    # iterations of 32k steps: the second signal arrives while the first still waits for the iteration's end
+    # iterations of 32k steps (over 1.5 s at this machine's fastest): the first signal comes at the start of
+    # the second iteration, the second one 0.3 s later, while the first still waits for the iteration's end
     proc, path = start_cli(run_dir, "--total-timesteps", "50000000", "--num-steps", "8192")
-    time.sleep(1.0)
+    wait_for_an_iteration(proc)
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    time.sleep(0.3)  # (two signals at once would reach Python's handler as one)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "Traceback" not in err, err
@@ -300,8 +301,8 @@ def test_meaningless_values_are_refused(field, value):
         ppo.Args(**{field: value})
 
 
-def test_a_rounded_budget_is_said_and_unknown_ids_are_one_line(run_dir):
-    proc = run_cli("ppo.py", "--total-timesteps", "1000", "--run-dir", run_dir, "--no-progress")
+def test_a_rounded_budget_is_said_and_unknown_ids_are_one_line(run_dir, cli_here):
+    proc = cli_here("ppo.py", "--total-timesteps", "1000", "--run-dir", run_dir, "--no-progress")
     assert proc.returncode == 0
     assert "budget: 512 " in proc.stdout  # whole iterations of 512 steps
     assert last_json(proc.stdout)["global_step"] == 512
@@ -320,7 +321,7 @@ def test_pinning_one_core_is_for_one_torch_thread_only(run_dir):
     """Two torch threads on one pinned core spin against each other (a 20k-step run took minutes, not
     seconds): --pin-cpu pins only a run with one torch thread, and says where in the summary."""
     for threads, pinned in (("1", True), ("2", False)):
-        flags = ["--torch-threads", threads, "--total-timesteps", "1024", "--run-dir", run_dir]
+        flags = ["--torch-threads", threads, "--total-timesteps", "512", "--run-dir", run_dir]
         proc = run_cli("ppo.py", *flags, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert isinstance(last_json(proc.stdout)["cpu_core"], int) == pinned

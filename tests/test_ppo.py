@@ -281,7 +281,7 @@ def test_probes_pass():
 
 
 def test_cartpole_learns(run_dir):
-    """Random play scores about 22. 100k steps of correct PPO reach well over 150 (seed 1 measured 260);
-    a sign error, a missing ratio or a broken GAE stays far below."""
-    summary = ppo.main(ppo.Args(total_timesteps=100_000, run_dir=run_dir, progress=False, pin_cpu=False))
+    """Random play scores about 22. 60k steps of correct PPO reach well over 150 (measured 216 with seed 1,
+    333 with seed 2; 260 after 100k); a sign error, a missing ratio or a broken GAE stays far below."""
+    summary = ppo.main(ppo.Args(total_timesteps=60_000, run_dir=run_dir, progress=False, pin_cpu=False))
     assert summary["episodic_return_mean_last100"] >= 150, summary

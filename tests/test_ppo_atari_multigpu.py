@@ -152,10 +152,10 @@ def test_a_stop_signal_stops_every_rank_after_the_same_iteration(run_dir, tmp_pa
     proc = torchrun(run_dir, tmp_path, "--total-timesteps", "100000000", "--no-progress", wait=False)
     try:
         deadline = time.time() + 120
-        while not (os.path.exists(tmp_path / "pid1") and os.path.isdir(run_dir) and os.listdir(run_dir)):
+        # both ranks in their training loops (each has logged an iteration), however loaded the machine
+        while not all(os.path.exists(tmp_path / f"logged{rank}") for rank in (0, 1)):
             assert time.time() < deadline and proc.poll() is None, proc.communicate()[1]
             time.sleep(0.2)
-        time.sleep(3.0)  # a few iterations
         if how == "SIGTERM to rank 1":
             os.kill(int((tmp_path / "pid1").read_text()), signal.SIGTERM)
         else:
