@@ -5,6 +5,7 @@ resume continues the learning-rate schedule and records the arguments it ran wit
 on stderr, exit 1, and a JSON last line whose status names it; nothing is written before the input is known
 to be good."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -145,16 +146,34 @@ def test_sigint_checkpoints_and_exits_130(run_dir):
     )
 
 
+def cpu_seconds(pid):  # user + system time of a process, from /proc (Linux)
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_a_second_signal_quits_at_once_without_a_traceback(run_dir):
-    # iterations of 32k steps (over 1.5 s at this machine's fastest): the first signal comes at the start of
-    # the second iteration, the second one 0.3 s later, while the first still waits for the iteration's end
+    # iterations of 32k steps (over 2 s of CPU at this machine's fastest, on the one core the run is pinned
+    # to). The first signal comes once the run has spent 0.3 s of CPU past its first progress line: inside
+    # the second iteration however loaded the machine (the first's tail, after that line, takes about 1 ms;
+    # a signal there would end the run cleanly before a second one came). The second signal comes once
+    # the run has said it got the first (two at once would reach Python's handler as one).
     proc, path = start_cli(run_dir, "--total-timesteps", "50000000", "--num-steps", "8192")
     wait_for_an_iteration(proc)
+    start = cpu_seconds(proc.pid)
+    while cpu_seconds(proc.pid) < start + 0.3:
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)  # (two signals at once would reach Python's handler as one)
+    said = []
+    for line in proc.stderr:
+        said.append(line)
+        if line.startswith("SIGTERM: finishing this iteration"):
+            break
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
+    err = "".join(said) + err
     assert proc.returncode == 143 and "Traceback" not in err, err
+    assert "SIGTERM: stopped" in err, err
     summary = last_json(out)
     assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
     assert not [f for f in os.listdir(path) if f.endswith(".tmp")]
@@ -167,9 +186,10 @@ def test_sigterm_during_evaluation_keeps_the_finished_run(run_dir):
     proc, path = start_cli(
         run_dir, "--total-timesteps", "512", "--num-steps", "32", "--eval-episodes", "100000", "--save-model"
     )
-    for _ in range(600):
-        if os.path.exists(os.path.join(path, "summary.json")):
-            break
+    for _ in range(1200):  # (summary.json is rewritten after every iteration: wait for the last one's)
+        with contextlib.suppress(FileNotFoundError):  # (written to a .tmp file, then renamed: never half)
+            if json.load(open(os.path.join(path, "summary.json")))["global_step"] == 512:
+                break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)

@@ -420,16 +420,17 @@ def write_events_quickly(path, scalars):
 
 def test_a_10m_step_atari_run_takes_seconds(tmp_path, capsys):
     """A 10M-step ppo_atari.py run logs 9,765 iterations of 16 metrics: 156k scalars. The issue's target is
-    under 5 s on an idle machine; the bound here leaves room for a loaded 2-core CI box."""
+    under 5 s on an idle machine. The bound is on this process's CPU time, which other jobs on the machine do
+    not stretch as they stretch the wall clock."""
     path = write_events_quickly(tmp_path / "run", healthy_scalars(9765))
-    start = time.perf_counter()
+    start = time.process_time()
     code, result = report_json(capsys, path)
-    elapsed = time.perf_counter() - start
+    cpu_seconds = time.process_time() - start
     assert code == 0 and os.path.exists(result["png"])
     finite = next(c for c in result["runs"][0]["checks"] if c["metric"] == "all_metrics")
     assert finite["measured"] == f"16 metrics, {16 * 9765:,} values"  # every point was read
     assert verdicts(result)["charts/episodic_return"] == "PASS"
-    assert elapsed < 30, elapsed
+    assert cpu_seconds < 30, cpu_seconds
 
 
 def test_events_are_read_as_tensorboard_reads_them(tmp_path):
