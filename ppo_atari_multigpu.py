@@ -492,14 +492,16 @@ class DataParallel:
         if self.rank == 0:
             super().write(name, data)
 
-    def stopping(self) -> bool:  # a signal that reached any rank
-        if self.world_size > 1:
-            signum = torch.tensor(int(self.stop_signal or 0), device=self.device)
-            collective(dist.all_reduce, signum, op=dist.ReduceOp.MAX)
-            self.stop_signal = self.stop_signal or (signal.Signals(int(signum)) if signum else None)
-        return super().stopping()
+    def stopping(self) -> bool:  # a signal that reached any rank before its "no" went into this all-reduce
+        if self.world_size == 1:
+            return super().stopping()
+        signum = torch.tensor(int(self.stop_signal or 0), device=self.device)
+        collective(dist.all_reduce, signum, op=dist.ReduceOp.MAX)
+        if signum and self.stop_signal is None:  # another rank's signal (its copy may still come here)
+            self.stop_signal, self.signal_time = signal.Signals(int(signum)), time.time()
+        return bool(signum)  # the answer every rank got, not this rank's flag (a signal now counts next time)
 
-    def on_signal(self, signum: int, frame=None):  # Ctrl-C reaches every rank twice: terminal, then torchrun
+    def on_signal(self, signum: int, frame=None):  # one stop may come twice: from a scheduler, then torchrun
         if self.world_size > 1 and signum == self.stop_signal and time.time() - self.signal_time < 10:
             return
         self.signal_time = time.time()

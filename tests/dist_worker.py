@@ -1,9 +1,12 @@
 """ppo_atari_multigpu.py's command line under torchrun, with hooks for the tests (set by environment
 variables): RANK_OUT=DIR writes this rank's pid at the start, DIR/logged<rank> once it has logged an iteration,
 and its weights at the end (DIR/pid<rank>, DIR/rank<rank>.pt); FIXED_ACTIONS=1 makes acting take action 0 (so that two runs see the same data);
-FAIL_RANK=R makes rank R fail (a RunFailed, as a full disk would) at its second gradient all-reduce."""
+FAIL_RANK=R makes rank R fail (a RunFailed, as a full disk would) at its second gradient all-reduce;
+SIGNAL_RANK=R sends rank R a SIGINT the moment its second stop check's all-reduce returns (as if it had come
+while the rank waited there: after its own "no" went in, before it reads the answer)."""
 
 import os
+import signal
 import sys
 
 import torch
@@ -46,5 +49,18 @@ if os.environ.get("FAIL_RANK") == str(rank):
         real_average(model, world_size)
 
     m.average_gradients = average_gradients
+
+if os.environ.get("SIGNAL_RANK") == str(rank):
+    real_collective, checks = m.collective, []
+
+    def collective(call, *args, **kwargs):
+        result = real_collective(call, *args, **kwargs)
+        if kwargs.get("op") == m.dist.ReduceOp.MAX:  # stopping()'s all-reduce
+            checks.append(1)
+            if len(checks) == 2:
+                signal.raise_signal(signal.SIGINT)  # its handler runs before this returns
+        return result
+
+    m.collective = collective
 
 sys.exit(m.cli())

@@ -146,9 +146,10 @@ def test_two_ranks_match_ppo_atari_on_the_same_data(run_dir, tmp_path, monkeypat
 
 @pytest.mark.parametrize("how", ["SIGTERM to rank 1", "SIGINT to every process"])
 def test_a_stop_signal_stops_every_rank_after_the_same_iteration(run_dir, tmp_path, how):
-    """SIGTERM to rank 1 alone, or SIGINT to the whole process group (Ctrl-C in a terminal: every rank gets it
-    directly, and torchrun passes it on once more): every rank stops after the same iteration, rank 0
-    writes the checkpoint and the summary (status interrupted, not aborted), and the weights agree."""
+    """SIGTERM to rank 1 alone, or SIGINT to every process (as a scheduler may signal them all: each rank gets
+    it directly, and torchrun, which starts each rank in a session of its own, passes it on once more; one
+    stop, not a second signal): every rank stops after the same iteration, rank 0 writes the checkpoint and
+    the summary (status interrupted, not aborted), and the weights agree."""
     proc = torchrun(run_dir, tmp_path, "--total-timesteps", "100000000", "--no-progress", wait=False)
     try:
         deadline = time.time() + 120
@@ -159,16 +160,46 @@ def test_a_stop_signal_stops_every_rank_after_the_same_iteration(run_dir, tmp_pa
         if how == "SIGTERM to rank 1":
             os.kill(int((tmp_path / "pid1").read_text()), signal.SIGTERM)
         else:
-            os.killpg(proc.pid, signal.SIGINT)
+            for pid in [int((tmp_path / f"pid{rank}").read_text()) for rank in (0, 1)]:
+                os.kill(pid, signal.SIGINT)
+            os.killpg(proc.pid, signal.SIGINT)  # torchrun
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         stop(proc)
+    assert stdout.strip().endswith("}"), stderr  # rank 0's JSON line came last
     summary = last_json(stdout)
     name = "SIGTERM" if how == "SIGTERM to rank 1" else "SIGINT"
     assert summary["status"] == "interrupted" and summary["signal"] == name, stderr
-    assert 0 < summary["global_step"] < 100000000
+    assert 0 < summary["global_step"] < 100000000 and f"{name}: stopped" not in stderr  # (a second signal)
     ckpt = torch.load(os.path.join(summary["run_dir"], "checkpoint.pt"), weights_only=True)
     assert ckpt["global_step"] == summary["global_step"]
+    first, second = rank_weights(tmp_path)
+    assert_same_weights(first, second)
+    assert_same_weights(first, ckpt["agent"])
+
+
+def test_a_signal_during_the_stop_check_stops_every_rank_at_the_next_one(run_dir, tmp_path):
+    """Rank 1 gets SIGINT while it waits in the second iteration's stop check, after its "no" has gone in:
+    every rank (rank 1 too) goes on by the all-reduced answer, and all stop at the third check, after two
+    iterations. (Had rank 1 stopped at once, alone, the other would wait for it in its next collective.)"""
+    proc = torchrun(
+        run_dir,
+        tmp_path,
+        "--total-timesteps",
+        "100000",
+        "--no-progress",
+        env={"SIGNAL_RANK": "1"},
+        wait=False,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        stop(proc)
+    assert stdout.strip().endswith("}"), stderr
+    summary = last_json(stdout)
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGINT", stderr
+    assert summary["global_step"] == 2 * 128 and "SIGINT: stopped" not in stderr
+    ckpt = torch.load(os.path.join(summary["run_dir"], "checkpoint.pt"), weights_only=True)
     first, second = rank_weights(tmp_path)
     assert_same_weights(first, second)
     assert_same_weights(first, ckpt["agent"])
