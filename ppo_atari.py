@@ -138,6 +138,7 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto", rende
             env_type="gymnasium",
             num_envs=num_envs,
             seed=seed,
+            num_threads=env_threads(num_envs),
             noop_max=30,  # up to 30 no-ops after each reset: varied starts
             frame_skip=4,  # each action repeated for 4 frames; the max over the last two is kept (flicker)
             episodic_life=True,  # a lost life ends the training episode (the game goes on)
@@ -167,7 +168,9 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto", rende
         # envpool's float64 Box bounds make gymnasium warn each time it builds the spaces
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*precision lowered.*")
-            envs = envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
+            envs = envpool.make(
+                env_id, env_type="gymnasium", num_envs=num_envs, seed=seed, num_threads=env_threads(num_envs)
+            )
             envs.single_observation_space = envs.observation_space
             envs.single_action_space = envs.action_space
         envs.num_envs = num_envs
@@ -201,6 +204,14 @@ def game_score(envs, reward, terminated, truncated, info):
     if envs.whole_games:
         return info["reward"], info["terminated"].astype(bool) | truncated
     return reward, terminated | truncated
+
+
+def env_threads(num_envs: int) -> int:
+    """envpool's worker threads: one per core this process may run on (one with --pin-cpu), at most one per
+    env. Its default counts the machine's cores, and two threads on one pinned core only take turns."""
+    if not hasattr(os, "sched_getaffinity"):  # (not Linux: envpool's default)
+        return 0
+    return min(num_envs, len(os.sched_getaffinity(0)))
 
 
 def check_spaces(envs):
@@ -266,6 +277,13 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     return layer
 
 
+def sample_categorical(probs):
+    """One action per row of `probs` by the Gumbel-max trick: argmax(p / q) with q ~ Exp(1). These are the
+    draws and the actions of torch.multinomial(probs, 1), which does exactly this after checking that `probs`
+    is a distribution (a softmax always is): three times faster here, and on a GPU two host syncs fewer."""
+    return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+
+
 class Agent(nn.Module):
     """The Nature CNN (Mnih et al. 2015), one trunk for a policy head (gain 0.01: a near-uniform start) and a
     value head (gain 1), so the value comes with every action. uint8 frames become [0, 1] floats here."""
@@ -303,7 +321,7 @@ class Agent(nn.Module):
         """Acting: (action, log-prob, value), all three from one pass through the trunk."""
         hidden = self.hidden(x)
         logits = self.actor(hidden)
-        action = torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+        action = sample_categorical(logits.softmax(-1))
         logprob = logits.log_softmax(-1).gather(-1, action.unsqueeze(-1)).squeeze(-1)
         return action, logprob, self.critic(hidden).squeeze(-1)
 
@@ -311,13 +329,27 @@ class Agent(nn.Module):
         hidden = self.hidden(x)
         log_probs = self.actor(hidden).log_softmax(-1)  # log pi(a|s) for every action a
         if action is None:
-            action = torch.multinomial(log_probs.exp(), 1).squeeze(-1)
+            action = sample_categorical(log_probs.exp())
         logprob = log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         return action, logprob, entropy, self.critic(hidden).squeeze(-1)
 
     def greedy_action(self, x):
         return self.actor(self.hidden(x)).argmax(-1)
+
+
+def flatten_parameters(module):
+    """Put every parameter of `module` into one flat tensor, and every gradient into one flat gradient, each
+    parameter a view of its part; return the flat parameter. Adam and the gradient clip then run once on one
+    tensor instead of once per parameter, a fifth of a small network's update on a CPU (README, Speed). The
+    gradient views hold only while the flat gradient is zeroed in place, never set to None."""
+    params = list(module.parameters())
+    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
+    flat.grad = torch.zeros_like(flat)
+    sizes = [p.numel() for p in params]
+    for p, data, grad in zip(params, flat.data.split(sizes), flat.grad.split(sizes), strict=True):
+        p.data, p.grad = data.view_as(p), grad.view_as(p)
+    return flat
 
 
 # -------------- ALGORITHM (pure functions: tensors in, tensors out; the tests import them) ---------------
@@ -414,8 +446,9 @@ def train(args: Args, run):
     if args.capture_video:
         check_render(args)
     agent = Agent(envs.single_observation_space, envs.single_action_space).to(device)
+    flat_params = flatten_parameters(agent)
     # eps=1e-5 as in baselines ppo2; fused=True: one kernel updates every parameter
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
     # what a checkpoint holds: --resume and --eval-checkpoint restore it, --save-model writes it
     state = {"agent": agent, "optimizer": optimizer}
     info = {"backend": envs.backend, "protocol": envs.protocol}
@@ -426,6 +459,7 @@ def train(args: Args, run):
     loss_fn = ppo_loss
     if args.compile or args.cudagraphs:
         mode = "reduce-overhead" if args.cudagraphs else "default"
+        torch._inductor.config.fallback_random = True  # eager's random draws: the same actions as without
         agent.get_action = torch.compile(agent.get_action, mode=mode)
         agent.get_action_and_value = torch.compile(agent.get_action_and_value, mode=mode)
         loss_fn = torch.compile(ppo_loss, mode=mode)
@@ -524,9 +558,9 @@ def train(args: Args, run):
                     newlogprob, b_logprobs[mb_inds], b_advantages[mb_inds], newvalue, b_values[mb_inds],
                     b_returns[mb_inds], entropy, b_valid[mb_inds], args,
                 )  # fmt: skip
-                optimizer.zero_grad()
+                optimizer.zero_grad(set_to_none=False)  # in place: the parameters' gradients are views of it
                 loss.backward()
-                stats["grad_norm"] = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                stats["grad_norm"] = nn.utils.clip_grad_norm_(flat_params, args.max_grad_norm)
                 optimizer.step()
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v

@@ -126,7 +126,9 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto"):
         # envpool's float64 Box bounds make gymnasium warn each time it builds the spaces
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*precision lowered.*")
-            envs = envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed)
+            envs = envpool.make(
+                env_id, env_type="gymnasium", num_envs=num_envs, seed=seed, num_threads=env_threads(num_envs)
+            )
             envs.single_observation_space = envs.observation_space
             envs.single_action_space = envs.action_space
         envs.num_envs = num_envs
@@ -147,6 +149,14 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto"):
     envs.reset(seed=seed)  # seeds every sub-environment; later resets continue from these seeds
     envs.backend = "gymnasium"
     return envs
+
+
+def env_threads(num_envs: int) -> int:
+    """envpool's worker threads: one per core this process may run on (one with --pin-cpu), at most one per
+    env. Its default counts the machine's cores, and two threads on one pinned core only take turns."""
+    if not hasattr(os, "sched_getaffinity"):  # (not Linux: envpool's default)
+        return 0
+    return min(num_envs, len(os.sched_getaffinity(0)))
 
 
 def check_spaces(envs):
@@ -321,6 +331,20 @@ class Agent(nn.Module):
         return self.actor_mean(self.normalize(x))  # the mean: the Gaussian's most likely action
 
 
+def flatten_parameters(module):
+    """Put every parameter of `module` into one flat tensor, and every gradient into one flat gradient, each
+    parameter a view of its part; return the flat parameter. Adam and the gradient clip then run once on one
+    tensor instead of once per parameter, a fifth of a small network's update on a CPU (README, Speed). The
+    gradient views hold only while the flat gradient is zeroed in place, never set to None."""
+    params = list(module.parameters())
+    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
+    flat.grad = torch.zeros_like(flat)
+    sizes = [p.numel() for p in params]
+    for p, data, grad in zip(params, flat.data.split(sizes), flat.grad.split(sizes), strict=True):
+        p.data, p.grad = data.view_as(p), grad.view_as(p)
+    return flat
+
+
 # -------------- ALGORITHM (pure functions: tensors in, tensors out; the tests import them) ---------------
 def compute_gae(rewards, values, next_values, terminations, dones, gamma, gae_lambda):
     """Generalised advantage estimation (Schulman et al. 2016), all arguments (num_steps, num_envs).
@@ -448,9 +472,10 @@ def train(args: Args, run):
     if args.capture_video:
         check_render(args)
     agent = Agent(envs.single_observation_space, envs.single_action_space, norm_obs=args.norm_obs).to(device)
+    flat_params = flatten_parameters(agent)
     reward_scaler = RewardScaler(args.num_envs, args.gamma)
     # eps=1e-5 as in baselines ppo2; fused=True: one kernel updates every parameter
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
     kl_coef = nn.Module()  # beta of the KL objectives, in a buffer that the checkpoint keeps
     kl_coef.register_buffer("value", torch.tensor(args.kl_coef, dtype=torch.float64))
     # what a checkpoint holds: --resume and --eval-checkpoint restore it, --save-model writes it
@@ -464,6 +489,7 @@ def train(args: Args, run):
     loss_fn = objective_loss
     if args.compile or args.cudagraphs:
         mode = "reduce-overhead" if args.cudagraphs else "default"
+        torch._inductor.config.fallback_random = True  # eager's random draws: the same actions as without
         agent.get_action = torch.compile(agent.get_action, mode=mode)
         agent.get_action_and_value = torch.compile(agent.get_action_and_value, mode=mode)
         loss_fn = torch.compile(objective_loss, mode=mode)
@@ -574,9 +600,9 @@ def train(args: Args, run):
                     newlogprob, b_logprobs[mb_inds], b_advantages[mb_inds], newvalue, b_values[mb_inds],
                     b_returns[mb_inds], entropy, b_valid[mb_inds], kl, kl_coef.value.item(), args,
                 )  # fmt: skip
-                optimizer.zero_grad()
+                optimizer.zero_grad(set_to_none=False)  # in place: the parameters' gradients are views of it
                 loss.backward()
-                stats["grad_norm"] = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                stats["grad_norm"] = nn.utils.clip_grad_norm_(flat_params, args.max_grad_norm)
                 optimizer.step()
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v

@@ -42,11 +42,11 @@ if os.environ.get("FIXED_ACTIONS"):
 if os.environ.get("FAIL_RANK") == str(rank):
     real_average, calls = m.average_gradients, []
 
-    def average_gradients(model, world_size):
+    def average_gradients(flat_params, world_size):
         calls.append(1)
         if len(calls) == 2:
             raise m.RunFailed("injected failure", "injected failure")
-        real_average(model, world_size)
+        real_average(flat_params, world_size)
 
     m.average_gradients = average_gradients
 

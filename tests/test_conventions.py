@@ -342,6 +342,14 @@ def test_harness_is_byte_identical(script):
 
 
 PPO_SHARED = ["compute_gae", "masked_mean", "normalize_advantages", "explained_variance", "ppo_loss"]
+PPO_SHARED += ["flatten_parameters"]
+DISCRETE = [
+    "reinforce.py",
+    "reinforce_baseline.py",
+    "ppo_atari.py",
+    "ppo_atari_multigpu.py",
+    "ppo_procgen_impala.py",
+]
 
 
 @pytest.mark.parametrize("script", [s for s in ALL_SCRIPTS if s != "ppo.py"])
@@ -351,7 +359,8 @@ def test_shared_blocks_are_word_for_word_copies_of_ppo(script):
     ppo, module = load_script("ppo.py"), load_script(script)
     # make_env of the image scripts builds their own environments (Atari through envpool, Procgen)
     images = ("ppo_atari.py", "ppo_atari_multigpu.py", "ppo_procgen_impala.py")
-    shared = ["layer_init"] + ([] if script in images else ["make_env"])
+    shared = ["layer_init", "env_threads"] + ([] if script in images else ["make_env"])
+    shared += ["sample_categorical"] if script in DISCRETE else []
     for name in shared + (PPO_SHARED if script.startswith("ppo") else []):
         assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(ppo, name)), name
 

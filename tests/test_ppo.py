@@ -3,6 +3,7 @@
 import math
 import os
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -137,6 +138,64 @@ def test_ppo_loss_clipping_stops_the_gradient():
     assert stats["approx_kl"].item() == pytest.approx(
         ((1.5 - 1 - math.log(1.5)) + (1.1 - 1 - math.log(1.1))) / 2
     )
+
+
+def test_flat_parameters_are_views_and_train_as_per_parameter_adam_and_clip():
+    """flatten_parameters: every parameter and its gradient are views of one flat tensor; backward fills the
+    flat gradient, and Adam with the gradient clip on it move the weights as per-parameter Adam and
+    clip_grad_norm_ do (to float rounding: the norm sums in another order). A checkpoint's weights load
+    into a flattened agent through the views."""
+    torch.manual_seed(0)
+    obs_space, act_space = gym.spaces.Box(-1.0, 1.0, (4,)), gym.spaces.Discrete(2)
+    plain, flat_agent = ppo.Agent(obs_space, act_space), ppo.Agent(obs_space, act_space)
+    flat_agent.load_state_dict(plain.state_dict())
+    start = [p.detach().clone() for p in plain.parameters()]
+    flat = ppo.flatten_parameters(flat_agent)
+    assert flat.numel() == sum(p.numel() for p in plain.parameters())
+    for p in flat_agent.parameters():
+        assert p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+        assert p.grad.untyped_storage().data_ptr() == flat.grad.untyped_storage().data_ptr()
+    optimizers = [
+        torch.optim.Adam(plain.parameters(), lr=1e-2, eps=1e-5, fused=True),
+        torch.optim.Adam([flat], lr=1e-2, eps=1e-5, fused=True),
+    ]
+    x, actions = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    for _ in range(20):
+        norms = []
+        for agent, optimizer in zip((plain, flat_agent), optimizers, strict=True):
+            _, logprob, entropy, value = agent.get_action_and_value(x, actions)
+            loss = -logprob.mean() + (value - 1.0).pow(2).mean() - 0.01 * entropy.mean()
+            if agent is plain:
+                optimizer.zero_grad()
+                loss.backward()
+                norms.append(torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.05))
+            else:
+                optimizer.zero_grad(set_to_none=False)
+                loss.backward()
+                norms.append(torch.nn.utils.clip_grad_norm_(flat, 0.05))
+            optimizer.step()
+        assert norms[0] > 0.05 and norms[1] == pytest.approx(norms[0].item(), rel=1e-5)  # the clip acted
+    for a, b, s in zip(plain.parameters(), flat_agent.parameters(), start, strict=True):
+        assert not torch.equal(a, s)  # it learned
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    resumed = ppo.Agent(obs_space, act_space)
+    resumed_flat = ppo.flatten_parameters(resumed)
+    resumed.load_state_dict(flat_agent.state_dict())
+    assert torch.equal(resumed_flat, flat)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux-only")
+def test_envpool_workers_one_per_core_it_may_use():
+    """envpool starts one worker thread per core the process may run on, at most one per env: on a pinned
+    core, one (its default counts the machine's cores, and two threads on one core only take turns)."""
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {max(allowed)})
+        assert ppo.make_env("CartPole-v1", 4, seed=0, backend="envpool").config["num_threads"] == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
+    expected = min(4, len(allowed))
+    assert ppo.make_env("CartPole-v1", 4, seed=0, backend="envpool").config["num_threads"] == expected
 
 
 def test_args_reject_impossible_combinations():
