@@ -119,6 +119,9 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto"):
     """
     with contextlib.redirect_stderr(io.StringIO()):
         import envpool  # here, so that importing this script does no work; it prints old gym's notice
+    # one envpool worker per core this process may use (its default, one per machine core, crowds a pinned
+    # core: threads on one core only take turns)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0  # (0: its default)
 
     if backend == "envpool" or (backend == "auto" and env_id in envpool.list_all_envs()):
         if env_id not in envpool.list_all_envs():
@@ -126,9 +129,7 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto"):
         # envpool's float64 Box bounds make gymnasium warn each time it builds the spaces
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*precision lowered.*")
-            envs = envpool.make(
-                env_id, env_type="gymnasium", num_envs=num_envs, seed=seed, num_threads=env_threads(num_envs)
-            )
+            envs = envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed, num_threads=cores)
             envs.single_observation_space = envs.observation_space
             envs.single_action_space = envs.action_space
         envs.num_envs = num_envs
@@ -149,14 +150,6 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto"):
     envs.reset(seed=seed)  # seeds every sub-environment; later resets continue from these seeds
     envs.backend = "gymnasium"
     return envs
-
-
-def env_threads(num_envs: int) -> int:
-    """envpool's worker threads: one per core this process may run on (one with --pin-cpu), at most one per
-    env. Its default counts the machine's cores, and two threads on one pinned core only take turns."""
-    if not hasattr(os, "sched_getaffinity"):  # (not Linux: envpool's default)
-        return 0
-    return min(num_envs, len(os.sched_getaffinity(0)))
 
 
 def check_spaces(envs):
@@ -332,14 +325,11 @@ class Agent(nn.Module):
 
 
 def flatten_parameters(module):
-    """Put every parameter of `module` into one flat tensor, and every gradient into one flat gradient, each
-    parameter a view of its part; return the flat parameter. Adam and the gradient clip then run once on one
-    tensor instead of once per parameter, a fifth of a small network's update on a CPU (README, Speed). The
-    gradient views hold only while the flat gradient is zeroed in place, never set to None."""
+    """Make every parameter of `module`, and its gradient, a view of one flat tensor (returned) and of its
+    gradient: Adam and the clip then run once, not per tensor (README, Speed); zero it, never set it None."""
     params = list(module.parameters())
     flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
-    flat.grad = torch.zeros_like(flat)
-    sizes = [p.numel() for p in params]
+    flat.grad, sizes = torch.zeros_like(flat), [p.numel() for p in params]
     for p, data, grad in zip(params, flat.data.split(sizes), flat.grad.split(sizes), strict=True):
         p.data, p.grad = data.view_as(p), grad.view_as(p)
     return flat
@@ -348,11 +338,9 @@ def flatten_parameters(module):
 # -------------- ALGORITHM (pure functions: tensors in, tensors out; the tests import them) ---------------
 def compute_gae(rewards, values, next_values, terminations, dones, gamma, gae_lambda):
     """Generalised advantage estimation (Schulman et al. 2016), all arguments (num_steps, num_envs).
-
     next_values[t] is V of the true next state of step t (the final observation when the episode ended);
     terminations[t] stops bootstrapping (a true end: the next state has value 0);
-    dones[t] (termination or truncation) stops the advantage chain: step t+1 belongs to another episode.
-    """
+    dones[t] (termination or truncation) stops the advantage chain: step t+1 belongs to another episode."""
     # TD errors of every step at once; only the backward recursion needs a loop over time
     deltas = rewards + gamma * (1.0 - terminations) * next_values - values
     chain = gamma * gae_lambda * (1.0 - dones)
@@ -387,10 +375,8 @@ def explained_variance(y_pred, y_true):
 
 
 def ppo_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, entropy, mask, args):
-    """The clipped PPO objective on one minibatch, averaged over its valid steps (mask == 1).
-
-    Returns the loss to minimise and a dict of 0-dim tensors for logging.
-    """
+    """The clipped PPO objective on one minibatch, averaged over its valid steps (mask == 1): the loss to
+    minimise and a dict of 0-dim tensors for logging."""
     weights = mask / mask.sum().clamp(min=1.0)  # mean over the valid steps = weighted sum
     logratio = newlogprob - oldlogprob
     ratio = logratio.exp()
@@ -418,14 +404,8 @@ def ppo_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, en
 
     entropy_loss = (entropy * weights).sum()
     loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-    stats = {
-        "policy_loss": pg_loss.detach(),
-        "value_loss": v_loss.detach(),
-        "entropy": entropy_loss.detach(),
-        "old_approx_kl": old_approx_kl,
-        "approx_kl": approx_kl,
-        "clipfrac": clipfrac,
-    }
+    stats = dict(policy_loss=pg_loss.detach(), value_loss=v_loss.detach(), entropy=entropy_loss.detach())
+    stats.update(old_approx_kl=old_approx_kl, approx_kl=approx_kl, clipfrac=clipfrac)
     return loss, stats
 
 
@@ -474,8 +454,7 @@ def train(args: Args, run):
     agent = Agent(envs.single_observation_space, envs.single_action_space, norm_obs=args.norm_obs).to(device)
     flat_params = flatten_parameters(agent)
     reward_scaler = RewardScaler(args.num_envs, args.gamma)
-    # eps=1e-5 as in baselines ppo2; fused=True: one kernel updates every parameter
-    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)
+    optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)  # eps: ppo2's
     kl_coef = nn.Module()  # beta of the KL objectives, in a buffer that the checkpoint keeps
     kl_coef.register_buffer("value", torch.tensor(args.kl_coef, dtype=torch.float64))
     # what a checkpoint holds: --resume and --eval-checkpoint restore it, --save-model writes it

@@ -94,6 +94,9 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto"):
     """
     with contextlib.redirect_stderr(io.StringIO()):
         import envpool  # here, so that importing this script does no work; it prints old gym's notice
+    # one envpool worker per core this process may use (its default, one per machine core, crowds a pinned
+    # core: threads on one core only take turns)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0  # (0: its default)
 
     if backend == "envpool" or (backend == "auto" and env_id in envpool.list_all_envs()):
         if env_id not in envpool.list_all_envs():
@@ -101,9 +104,7 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto"):
         # envpool's float64 Box bounds make gymnasium warn each time it builds the spaces
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*precision lowered.*")
-            envs = envpool.make(
-                env_id, env_type="gymnasium", num_envs=num_envs, seed=seed, num_threads=env_threads(num_envs)
-            )
+            envs = envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed, num_threads=cores)
             envs.single_observation_space = envs.observation_space
             envs.single_action_space = envs.action_space
         envs.num_envs = num_envs
@@ -124,14 +125,6 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto"):
     envs.reset(seed=seed)  # seeds every sub-environment; later resets continue from these seeds
     envs.backend = "gymnasium"
     return envs
-
-
-def env_threads(num_envs: int) -> int:
-    """envpool's worker threads: one per core this process may run on (one with --pin-cpu), at most one per
-    env. Its default counts the machine's cores, and two threads on one pinned core only take turns."""
-    if not hasattr(os, "sched_getaffinity"):  # (not Linux: envpool's default)
-        return 0
-    return min(num_envs, len(os.sched_getaffinity(0)))
 
 
 def check_spaces(envs):
@@ -195,13 +188,6 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     return layer
 
 
-def sample_categorical(probs):
-    """One action per row of `probs` by the Gumbel-max trick: argmax(p / q) with q ~ Exp(1). These are the
-    draws and the actions of torch.multinomial(probs, 1), which does exactly this after checking that `probs`
-    is a distribution (a softmax always is): three times faster here, and on a GPU two host syncs fewer."""
-    return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
-
-
 def gaussian_logprob(action, mean, std):
     """log N(a; mean, std) of a diagonal Gaussian, summed over the independent action dimensions."""
     return (-((action - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * np.log(2 * np.pi)).sum(-1)
@@ -250,7 +236,7 @@ class Agent(nn.Module):
             action = mean + std * torch.randn_like(mean)
             return action, gaussian_logprob(action, mean, std), None
         log_probs = self.actor(x).log_softmax(-1)  # log pi(a|s) for every action a
-        action = sample_categorical(log_probs.exp())
+        action = (log_probs.exp() / torch.empty_like(log_probs).exponential_()).argmax(-1)  # Gumbel-max
         return action, log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1), None
 
     def get_logprob_and_entropy(self, x, action):

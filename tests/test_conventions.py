@@ -359,8 +359,7 @@ def test_shared_blocks_are_word_for_word_copies_of_ppo(script):
     ppo, module = load_script("ppo.py"), load_script(script)
     # make_env of the image scripts builds their own environments (Atari through envpool, Procgen)
     images = ("ppo_atari.py", "ppo_atari_multigpu.py", "ppo_procgen_impala.py")
-    shared = ["layer_init", "env_threads"] + ([] if script in images else ["make_env"])
-    shared += ["sample_categorical"] if script in DISCRETE else []
+    shared = ["layer_init"] + ([] if script in images else ["make_env"])
     for name in shared + (PPO_SHARED if script.startswith("ppo") else []):
         assert inspect.getsource(getattr(module, name)) == inspect.getsource(getattr(ppo, name)), name
 
