@@ -355,11 +355,11 @@ def compute_gae(rewards, values, next_values, terminations, dones, gamma, gae_la
     # TD errors of every step at once; only the backward recursion needs a loop over time
     deltas = rewards + gamma * (1.0 - terminations) * next_values - values
     chain = gamma * gae_lambda * (1.0 - dones)
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = torch.zeros_like(rewards[0])
-    for t in reversed(range(rewards.shape[0])):
-        lastgaelam = deltas[t] + chain[t] * lastgaelam
-        advantages[t] = lastgaelam
+    advantages, lastgaelam = [], torch.zeros_like(rewards[0])
+    for delta, c in zip(deltas.unbind(0)[::-1], chain.unbind(0)[::-1], strict=True):  # t = T-1, ..., 0
+        lastgaelam = delta + c * lastgaelam
+        advantages.append(lastgaelam)
+    advantages = torch.stack(advantages[::-1])
     returns = advantages + values
     return advantages, returns
 
@@ -624,9 +624,8 @@ def train(args: Args, run):
             raw_reward, game_over = game_score(envs, reward, terminated, truncated, info)
             episode_return += raw_reward
             episode_length += ~next_autoreset
-            for i in np.flatnonzero(game_over):
-                finished_returns.append(float(episode_return[i]))
-                finished_lengths.append(int(episode_length[i]))
+            finished_returns += episode_return[game_over].tolist()
+            finished_lengths += episode_length[game_over].tolist()
             episode_return[game_over] = 0.0
             episode_length[game_over] = 0
             next_autoreset = ended

@@ -228,10 +228,10 @@ class RewardScaler:
     def __call__(self, rewards, dones, valid):
         """Scaled rewards of a rollout; rewards, dones, valid are (num_steps, num_envs) arrays."""
         returns = np.zeros(rewards.shape)
-        for t in range(rewards.shape[0]):
-            self.discounted = self.discounted * self.gamma + rewards[t]
+        for t, (reward, not_done) in enumerate(zip(rewards, 1.0 - dones, strict=True)):
+            self.discounted = self.discounted * self.gamma + reward
             returns[t] = self.discounted
-            self.discounted = self.discounted * (1.0 - dones[t])  # a new episode starts from 0
+            self.discounted = self.discounted * not_done  # a new episode starts from 0
         self.rms.update(torch.as_tensor(returns[valid.astype(bool)]))  # no autoreset steps
         scaled = rewards / np.sqrt(self.rms.var.item() + 1e-8)
         return np.clip(scaled, -self.clip, self.clip).astype(np.float32)
@@ -338,11 +338,11 @@ def compute_gae(rewards, values, next_values, terminations, dones, gamma, gae_la
     # TD errors of every step at once; only the backward recursion needs a loop over time
     deltas = rewards + gamma * (1.0 - terminations) * next_values - values
     chain = gamma * gae_lambda * (1.0 - dones)
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = torch.zeros_like(rewards[0])
-    for t in reversed(range(rewards.shape[0])):
-        lastgaelam = deltas[t] + chain[t] * lastgaelam
-        advantages[t] = lastgaelam
+    advantages, lastgaelam = [], torch.zeros_like(rewards[0])
+    for delta, c in zip(deltas.unbind(0)[::-1], chain.unbind(0)[::-1], strict=True):  # t = T-1, ..., 0
+        lastgaelam = delta + c * lastgaelam
+        advantages.append(lastgaelam)
+    advantages = torch.stack(advantages[::-1])
     returns = advantages + values
     return advantages, returns
 
@@ -480,9 +480,8 @@ def train(args: Args, run):
             # Episode accounting: the autoreset step is not part of any episode.
             episode_return += reward
             episode_length += ~next_autoreset
-            for i in np.flatnonzero(ended):
-                finished_returns.append(float(episode_return[i]))
-                finished_lengths.append(int(episode_length[i]))
+            finished_returns += episode_return[ended].tolist()
+            finished_lengths += episode_length[ended].tolist()
             episode_return[ended] = 0.0
             episode_length[ended] = 0
             next_autoreset = ended
