@@ -666,7 +666,7 @@ def train(args: Args, run):
                     newlogprob, b_logprobs[mb_inds], b_advantages[mb_inds], newvalue, b_values[mb_inds],
                     b_returns[mb_inds], entropy, b_valid[mb_inds], args,
                 )  # fmt: skip
-                optimizer.zero_grad(set_to_none=False)  # in place: the parameters' gradients are views of it
+                flat_params.grad.zero_()  # in place: every parameter's gradient is a view of it
                 loss.backward()
                 average_gradients(flat_params, run.world_size)  # THE step of data parallelism
                 stats["grad_norm"] = nn.utils.clip_grad_norm_(flat_params, args.max_grad_norm)
