@@ -119,9 +119,9 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto"):
     """
     with contextlib.redirect_stderr(io.StringIO()):
         import envpool  # here, so that importing this script does no work; it prints old gym's notice
-    # one envpool worker per core this process may use (its default, one per machine core, crowds a pinned
-    # core: threads on one core only take turns)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0  # (0: its default)
+    # one envpool worker per core this process may use, at most one per env (its default counts the cores of
+    # the machine, not those of a pinned process, whose threads on one core only take turns)
+    cores = min(num_envs, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else 0
 
     if backend == "envpool" or (backend == "auto" and env_id in envpool.list_all_envs()):
         if env_id not in envpool.list_all_envs():
@@ -327,11 +327,11 @@ class Agent(nn.Module):
 def flatten_parameters(module):
     """Make every parameter of `module`, and its gradient, a view of one flat tensor (returned) and of its
     gradient: Adam and the clip then run once, not per tensor (README, Speed); zero it, never set it None."""
-    params = list(module.parameters())
-    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
+    params = list(module.parameters())  # each kept in its memory layout (channels-last convolutions too)
+    flat = nn.Parameter(torch.cat([p.detach().as_strided((p.numel(),), (1,)) for p in params]))
     flat.grad, sizes = torch.zeros_like(flat), [p.numel() for p in params]
     for p, data, grad in zip(params, flat.data.split(sizes), flat.grad.split(sizes), strict=True):
-        p.data, p.grad = data.view_as(p), grad.view_as(p)
+        p.data, p.grad = data.as_strided(p.shape, p.stride()), grad.as_strided(p.shape, p.stride())
     return flat
 
 

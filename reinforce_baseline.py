@@ -94,9 +94,9 @@ def make_env(env_id: str, num_envs: int, seed: int, backend: str = "auto"):
     """
     with contextlib.redirect_stderr(io.StringIO()):
         import envpool  # here, so that importing this script does no work; it prints old gym's notice
-    # one envpool worker per core this process may use (its default, one per machine core, crowds a pinned
-    # core: threads on one core only take turns)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0  # (0: its default)
+    # one envpool worker per core this process may use, at most one per env (its default counts the cores of
+    # the machine, not those of a pinned process, whose threads on one core only take turns)
+    cores = min(num_envs, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else 0
 
     if backend == "envpool" or (backend == "auto" and env_id in envpool.list_all_envs()):
         if env_id not in envpool.list_all_envs():

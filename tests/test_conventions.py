@@ -343,13 +343,6 @@ def test_harness_is_byte_identical(script):
 
 PPO_SHARED = ["compute_gae", "masked_mean", "normalize_advantages", "explained_variance", "ppo_loss"]
 PPO_SHARED += ["flatten_parameters"]
-DISCRETE = [
-    "reinforce.py",
-    "reinforce_baseline.py",
-    "ppo_atari.py",
-    "ppo_atari_multigpu.py",
-    "ppo_procgen_impala.py",
-]
 
 
 @pytest.mark.parametrize("script", [s for s in ALL_SCRIPTS if s != "ppo.py"])

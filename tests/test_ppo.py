@@ -184,10 +184,24 @@ def test_flat_parameters_are_views_and_train_as_per_parameter_adam_and_clip():
     assert torch.equal(resumed_flat, flat)
 
 
+def test_gumbel_max_sampling_draws_what_torch_multinomial_draws():
+    """The scripts sample argmax(p / q), q ~ Exp(1), written out: the actions torch.multinomial(p, 1) gives
+    from the same random numbers (it does exactly this after checking p), and the categorical's frequencies."""
+    probs = torch.softmax(torch.randn(8, 6), -1)
+    torch.manual_seed(3)
+    expected = torch.stack([torch.multinomial(probs, 1).squeeze(-1) for _ in range(2000)])
+    torch.manual_seed(3)
+    got = torch.stack([(probs / torch.empty_like(probs).exponential_()).argmax(-1) for _ in range(2000)])
+    assert torch.equal(got, expected)
+    frequencies = torch.nn.functional.one_hot(got, 6).float().mean(0)
+    torch.testing.assert_close(frequencies, probs, atol=0.05, rtol=0)
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux-only")
 def test_envpool_workers_one_per_core_it_may_use():
     """envpool starts one worker thread per core the process may run on, at most one per env: on a pinned
-    core, one (its default counts the machine's cores, and two threads on one core only take turns)."""
+    core, one (its default counts the machine's cores, and two threads on one core only take turns); one
+    env, one worker."""
     allowed = os.sched_getaffinity(0)
     try:
         os.sched_setaffinity(0, {max(allowed)})
@@ -196,6 +210,7 @@ def test_envpool_workers_one_per_core_it_may_use():
         os.sched_setaffinity(0, allowed)
     expected = min(4, len(allowed))
     assert ppo.make_env("CartPole-v1", 4, seed=0, backend="envpool").config["num_threads"] == expected
+    assert ppo.make_env("CartPole-v1", 1, seed=0, backend="envpool").config["num_threads"] == 1
 
 
 def test_args_reject_impossible_combinations():

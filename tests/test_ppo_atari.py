@@ -67,6 +67,27 @@ def test_nature_cnn_shapes_and_parameter_count():
     assert sum(p.numel() for p in agent.parameters()) == 1_686_693
 
 
+def test_flat_parameters_keep_the_channels_last_layout():
+    """flatten_parameters keeps each weight in its memory layout: the convolutions stay channels-last (what
+    oneDNN is fast in), every weight keeps its values, and the network computes what it did before."""
+    torch.manual_seed(0)
+    agent = ppo_atari.Agent(FRAMES, gym.spaces.Discrete(4))
+    before = {name: p.detach().clone() for name, p in agent.named_parameters()}
+    x = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = agent.get_action_and_value(x, torch.zeros(3, dtype=torch.long))
+    flat = ppo_atari.flatten_parameters(agent)
+    convs = [p for p in agent.parameters() if p.dim() == 4]
+    assert len(convs) == 3 and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert all(p.grad.stride() == p.stride() for p in agent.parameters())
+    for name, p in agent.named_parameters():
+        assert torch.equal(p, before[name]), name
+        assert p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    with torch.no_grad():
+        got = agent.get_action_and_value(x, torch.zeros(3, dtype=torch.long))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
 def test_shared_trunk_acting_agrees_with_the_update():
     """get_action (the rollout) and get_action_and_value (the update) are one network: same log-prob, same
     value; and frames are scaled to [0, 1] inside it, so uint8 and the float frames / 255 give the same."""
