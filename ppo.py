@@ -217,15 +217,13 @@ class Agent(nn.Module):
         return self.critic(x).squeeze(-1)
 
     # The categorical distribution is written out (log-softmax, Gumbel-max sampling, log-prob, entropy)
-    # rather than a torch.distributions.Categorical: with networks this small the object costs more than the
-    # network itself (README, Speed), and the formulas are worth seeing.
+    # rather than a torch.distributions.Categorical: cheaper with networks this small, and worth seeing.
     def get_action(self, x):
-        """Acting: (action, log-prob, value). The value is None here: the critic is a separate network, and
-        the values of a whole rollout are computed after it in one batched pass, which is faster."""
+        """Acting: (action, log-prob, value), the last two None here. The policy and the critic stay fixed
+        during a rollout, so the log-probs and values of all its steps come after it, in one batched pass."""
         logits = self.actor(x)
         action = (logits.softmax(-1) / torch.empty_like(logits).exponential_()).argmax(-1)  # Gumbel-max
-        logprob = logits.log_softmax(-1).gather(-1, action.unsqueeze(-1)).squeeze(-1)
-        return action, logprob, None
+        return action, None, None
 
     def get_action_and_value(self, x, action=None):
         log_probs = self.actor(x).log_softmax(-1)  # log pi(a|s) for every action a
@@ -318,7 +316,9 @@ def ppo_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, en
         v_loss = 0.5 * ((newvalue - returns) ** 2 * weights).sum()
 
     entropy_loss = (entropy * weights).sum()
-    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+    # (with ent_coef 0, MuJoCo's default, the loss has no entropy term: backward skips the entropy's graph)
+    entropy_bonus = args.ent_coef * entropy_loss if args.ent_coef else 0.0
+    loss = pg_loss - entropy_bonus + v_loss * args.vf_coef
     stats = dict(policy_loss=pg_loss.detach(), value_loss=v_loss.detach(), entropy=entropy_loss.detach())
     stats.update(old_approx_kl=old_approx_kl, approx_kl=approx_kl, clipfrac=clipfrac)
     return loss, stats
@@ -338,7 +338,8 @@ def train(args: Args, run):
     optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)  # eps: ppo2's
     # what a checkpoint holds: --resume and --eval-checkpoint restore it, --save-model writes it
     state = {"agent": agent, "optimizer": optimizer}
-    run.start(args.num_iterations * args.batch_size, {"backend": envs.backend}, **state)
+    info = {"backend": envs.backend}
+    run.start(args.num_iterations * args.batch_size, info, **state)
 
     # --compile: torch.compile fuses acting's and the loss's many small operations (--cudagraphs: into CUDA
     # graphs too). GAE stays eager: its loop over time, unrolled, compiles for minutes, for little (README).
@@ -351,10 +352,9 @@ def train(args: Args, run):
         loss_fn = torch.compile(ppo_loss, mode=mode)
 
     # Storage, allocated once on the device.
-    # (T, N, obs_dim)
-    obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape, device=device)
+    obs_shape = (args.num_steps, args.num_envs) + envs.single_observation_space.shape  # (T, N, *obs shape)
+    obs = torch.zeros(obs_shape, device=device)  # (T, N, obs_dim)
     actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)  # (T, N)
-    logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, N) log pi_old(a|s)
     # (T, N) each: rewards and episode ends arrive on the host, are kept there and move to the device once
     rewards = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
     terminations = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)  # true ends: no bootstrap
@@ -381,9 +381,8 @@ def train(args: Args, run):
             valid[step] = ~next_autoreset
 
             with torch.inference_mode():
-                action, logprob, _ = agent.get_action(next_obs)
+                action, _, _ = agent.get_action(next_obs)
             actions[step] = action
-            logprobs[step] = logprob
 
             next_obs_np, reward, terminated, truncated, _ = envs.step(action.cpu().numpy())
             next_obs = torch.as_tensor(next_obs_np, dtype=torch.float32, device=device)
@@ -407,8 +406,8 @@ def train(args: Args, run):
 
         # ---- advantages ----
         with torch.no_grad():
-            # V of every stored observation in one batched pass (num_steps times fewer calls)
-            values = agent.get_value(obs)
+            # log pi_old(a|s) and V(s) of every stored step in one batched pass (num_steps times fewer calls)
+            _, logprobs, _, values = agent.get_action_and_value(obs, actions)
             next_value = agent.get_value(next_obs)
             # obs[t + 1] is the observation returned by step t: with next-step autoreset it is the true
             # next state, the final observation when step t ended an episode.

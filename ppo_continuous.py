@@ -204,6 +204,7 @@ class RunningMeanStd(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.zeros(shape))
         self.register_buffer("var", torch.ones(shape))
+        self.register_buffer("std", torch.ones(shape))  # sqrt(var + 1e-8), kept: normalising needs only it
         self.register_buffer("count", torch.zeros(()))
 
     @torch.no_grad()
@@ -213,6 +214,7 @@ class RunningMeanStd(nn.Module):
         m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
         self.mean.add_(delta * batch_count / total)
         self.var.copy_(m2 / total)
+        self.std.copy_(torch.sqrt(self.var + 1e-8))
         self.count.copy_(total)
 
 
@@ -261,8 +263,7 @@ class Agent(nn.Module):
         obs_dim = int(np.prod(observation_space.shape))
         act_dim = int(np.prod(action_space.shape))
         self.obs_rms, self.obs_rms_next = (RunningMeanStd(observation_space.shape) for _ in range(2))
-        self.register_buffer("norm_obs", torch.tensor(norm_obs))
-        self.obs_clip = obs_clip
+        self.norm_obs, self.obs_clip = norm_obs, obs_clip
         self.critic = nn.Sequential(
             layer_init(nn.Linear(obs_dim, 64)),
             nn.Tanh(),
@@ -281,8 +282,8 @@ class Agent(nn.Module):
 
     def normalize(self, x):
         """(x - mean) / std, clipped, with obs_rms: the statistics before this iteration (obs_rms_next: all)."""
-        z = (x - self.obs_rms.mean) / torch.sqrt(self.obs_rms.var + 1e-8)
-        return torch.where(self.norm_obs, z.clamp(-self.obs_clip, self.obs_clip), x)
+        z = ((x - self.obs_rms.mean) / self.obs_rms.std).clamp(-self.obs_clip, self.obs_clip)
+        return z if self.norm_obs else x
 
     def get_value(self, x):
         return self.critic(self.normalize(x)).squeeze(-1)
@@ -291,28 +292,22 @@ class Agent(nn.Module):
     # torch.distributions.Normal: with networks this small the object costs more than the
     # network itself (README, Speed), and the formulas are worth seeing.
     def get_action(self, x):
-        """Acting: (action, log-prob, value). The value is None here: the critic is a separate network, and
-        the values of a whole rollout are computed after it in one batched pass, which is faster."""
-        action, logprob = self._gaussian(self.normalize(x))
-        return action, logprob, None
+        """Acting: (action, log-prob, value), the last two None here. The policy and the critic stay fixed
+        during a rollout, so the log-probs and values of all its steps come after it, in one batched pass."""
+        mean = self.actor_mean(self.normalize(x))
+        return mean + self.actor_logstd.exp() * torch.randn_like(mean), None, None
 
     def get_action_and_value(self, x, action=None):
         x = self.normalize(x)
-        action, logprob = self._gaussian(x, action)
-        entropy = (0.5 + 0.5 * np.log(2 * np.pi) + self.actor_logstd).sum(-1).expand(x.shape[0])
-        return action, logprob, entropy, self.critic(x).squeeze(-1)
-
-    def _gaussian(self, x, action=None):
         mean = self.actor_mean(x)
         logstd = self.actor_logstd.expand_as(mean)
         if action is None:
-            noise = torch.randn_like(mean)
-            action = mean + logstd.exp() * noise
-        else:
-            noise = (action - mean) / logstd.exp()  # the action in standard units
+            action = mean + logstd.exp() * torch.randn_like(mean)
+        noise = (action - mean) / logstd.exp()  # the action in standard units
         # log N(a; mean, std), summed over the independent action dimensions
         logprob = (-0.5 * noise**2 - logstd - 0.5 * np.log(2 * np.pi)).sum(-1)
-        return action, logprob
+        entropy = (0.5 + 0.5 * np.log(2 * np.pi) + logstd).sum(-1)
+        return action, logprob, entropy, self.critic(x).squeeze(-1)
 
     def greedy_action(self, x):
         return self.actor_mean(self.normalize(x))  # the mean: the Gaussian's most likely action
@@ -397,7 +392,9 @@ def ppo_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, en
         v_loss = 0.5 * ((newvalue - returns) ** 2 * weights).sum()
 
     entropy_loss = (entropy * weights).sum()
-    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+    # (with ent_coef 0, MuJoCo's default, the loss has no entropy term: backward skips the entropy's graph)
+    entropy_bonus = args.ent_coef * entropy_loss if args.ent_coef else 0.0
+    loss = pg_loss - entropy_bonus + v_loss * args.vf_coef
     stats = dict(policy_loss=pg_loss.detach(), value_loss=v_loss.detach(), entropy=entropy_loss.detach())
     stats.update(old_approx_kl=old_approx_kl, approx_kl=approx_kl, clipfrac=clipfrac)
     return loss, stats
@@ -418,7 +415,8 @@ def train(args: Args, run):
     optimizer = torch.optim.Adam([flat_params], lr=args.learning_rate, eps=1e-5, fused=True)  # eps: ppo2's
     # what a checkpoint holds: --resume and --eval-checkpoint restore it, --save-model writes it
     state = {"agent": agent, "optimizer": optimizer, "reward_scaler": reward_scaler}
-    run.start(args.num_iterations * args.batch_size, {"backend": envs.backend}, **state)
+    info = {"backend": envs.backend}
+    run.start(args.num_iterations * args.batch_size, info, **state)
 
     # --compile: torch.compile fuses acting's and the loss's many small operations (--cudagraphs: into CUDA
     # graphs too). GAE stays eager: its loop over time, unrolled, compiles for minutes, for little (README).
@@ -431,10 +429,9 @@ def train(args: Args, run):
         loss_fn = torch.compile(ppo_loss, mode=mode)
 
     # Storage, allocated once on the device.
-    # (T, N, obs_dim)
-    obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape, device=device)
+    obs_shape = (args.num_steps, args.num_envs) + envs.single_observation_space.shape  # (T, N, *obs shape)
+    obs = torch.zeros(obs_shape, device=device)  # (T, N, obs_dim)
     actions = torch.zeros((args.num_steps, args.num_envs) + envs.single_action_space.shape, device=device)
-    logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, N) log pi_old(a|s)
     # (T, N) each: rewards and episode ends arrive on the host, are kept there and move to the device once
     rewards = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
     terminations = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)  # true ends: no bootstrap
@@ -463,9 +460,8 @@ def train(args: Args, run):
             valid[step] = ~next_autoreset
 
             with torch.inference_mode():
-                action, logprob, _ = agent.get_action(next_obs)
+                action, _, _ = agent.get_action(next_obs)
             actions[step] = action
-            logprobs[step] = logprob
 
             next_obs_np, reward, terminated, truncated, _ = envs.step(env_actions(action, action_space))
             next_obs = torch.as_tensor(next_obs_np, dtype=torch.float32, device=device)
@@ -494,8 +490,8 @@ def train(args: Args, run):
 
         # ---- advantages ----
         with torch.no_grad():
-            # V of every stored observation in one batched pass (num_steps times fewer calls)
-            values = agent.get_value(obs)
+            # log pi_old(a|s) and V(s) of every stored step in one batched pass (num_steps times fewer calls)
+            _, logprobs, _, values = agent.get_action_and_value(obs, actions)
             next_value = agent.get_value(next_obs)
             # obs[t + 1] is the observation returned by step t: with next-step autoreset it is the true
             # next state, the final observation when step t ended an episode.

@@ -325,6 +325,7 @@ class RunningMeanStd(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.zeros(shape))
         self.register_buffer("var", torch.ones(shape))
+        self.register_buffer("std", torch.ones(shape))  # sqrt(var + 1e-8), kept: normalising needs only it
         self.register_buffer("count", torch.zeros(()))
 
     @torch.no_grad()
@@ -334,6 +335,7 @@ class RunningMeanStd(nn.Module):
         m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
         self.mean.add_(delta * batch_count / total)
         self.var.copy_(m2 / total)
+        self.std.copy_(torch.sqrt(self.var + 1e-8))
         self.count.copy_(total)
 
 
@@ -548,7 +550,9 @@ def ppo_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, en
         v_loss = 0.5 * ((newvalue - returns) ** 2 * weights).sum()
 
     entropy_loss = (entropy * weights).sum()
-    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+    # (with ent_coef 0, MuJoCo's default, the loss has no entropy term: backward skips the entropy's graph)
+    entropy_bonus = args.ent_coef * entropy_loss if args.ent_coef else 0.0
+    loss = pg_loss - entropy_bonus + v_loss * args.vf_coef
     stats = dict(policy_loss=pg_loss.detach(), value_loss=v_loss.detach(), entropy=entropy_loss.detach())
     stats.update(old_approx_kl=old_approx_kl, approx_kl=approx_kl, clipfrac=clipfrac)
     return loss, stats
@@ -584,8 +588,8 @@ def train(args: Args, run):
         loss_fn = torch.compile(ppo_loss, mode=mode)
 
     # Storage, allocated once on the device.
-    obs_shape = (args.num_steps, args.num_envs) + envs.single_observation_space.shape  # (T, N, 64, 64, 3)
-    obs = torch.zeros(obs_shape, dtype=torch.uint8, device=device)  # images as the env gives them: uint8
+    obs_shape = (args.num_steps, args.num_envs) + envs.single_observation_space.shape  # (T, N, *obs shape)
+    obs = torch.zeros(obs_shape, dtype=torch.uint8, device=device)  # (T, N, 64, 64, 3) images as given
     actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)  # (T, N)
     logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, N) log pi_old(a|s)
     values = torch.zeros((args.num_steps, args.num_envs), device=device)  # (T, N) V_old(s)

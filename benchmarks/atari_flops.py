@@ -9,16 +9,19 @@ core with one torch thread, alternating A B A B, and counts its floating-point o
 shapes: a convolution or linear layer is 2 x MACs forward, as much again for the gradient of its weights,
 and as much again for the gradient of its input (not for the first layer, whose input is the frames).
 
-- ours: ppo_atari.py's Agent and ppo_loss, as its update calls them (channels-last memory, fused Adam);
+- ours: ppo_atari.py's Agent and ppo_loss, as its update calls them (channels-last memory, one flat
+  parameter tensor, fused Adam);
 - CleanRL: the `layer_init` and `Agent` of CleanRL 1.2.0's ppo_atari_envpool.py, read from the installed
   package (vs_cleanrl.py's venv; never copied here) and run in this process's torch, with the loss of that
   file's update written out below (the same formula) and its Adam (torch's default implementation);
-- peak: every layer as the GEMMs an ideal implementation would run (im2col for a convolution: forward, the
-  weight gradient and the input gradient, each one torch.mm at these shapes) timed alone; and one large
-  square SGEMM, what this core's BLAS does at its best.
+- peak: every layer's forward and backward timed alone at these shapes, each in the faster of two ways:
+  the GEMMs of im2col (torch.mm: forward, the weight gradient, the input gradient) or oneDNN's convolution
+  (channels-last; the 3136 -> 512 layer as the 7x7 convolution it equals). On this VM's AMD EPYC torch's
+  BLAS (MKL) runs an SGEMM at about 110 GFLOP/s where oneDNN's convolutions reach about 200, so the GEMMs
+  alone are reported too; and one large square SGEMM, what the BLAS does at its best.
 
-The ratio of peak to CleanRL's rate bounds what any implementation of this update could gain over CleanRL's
-on this machine.
+The ratio of peak to CleanRL's rate bounds what an implementation of this update built on these kernels
+could gain over CleanRL's on this machine.
 """
 
 import argparse
@@ -91,24 +94,43 @@ def layer_flops(model, x):
     return sum(forward), sum(backward)
 
 
-def peak_gemms(batch):
-    """Seconds of the GEMMs an ideal Nature CNN step runs at these shapes (im2col), each timed alone."""
-    # (rows, inner, cols) of each layer's forward product: conv1..3 as im2col, then the three linear layers
-    layers = [
-        (batch * 20 * 20, 4 * 8 * 8, 32, False),
-        (batch * 9 * 9, 32 * 4 * 4, 64, True),
-        (batch * 7 * 7, 64 * 3 * 3, 64, True),
-        (batch, 64 * 7 * 7, 512, True),
-        (batch, 512, ACTIONS, True),
-        (batch, 512, 1, True),
-    ]
-    total = 0.0
-    for m, k, n, input_grad in layers:
-        a, w, g = torch.randn(m, k), torch.randn(k, n), torch.randn(m, n)
-        products = [(a, w), (a.t(), g)] + ([(g, w.t())] if input_grad else [])  # forward, dW, dX
-        for x, y in products:
-            total += best_of(functools.partial(torch.mm, x, y), 5, 3)
-    return total
+def peak_layers(batch):
+    """Seconds of an ideal Nature CNN step at these shapes: each layer's forward and its backward (the weight
+    gradient, and the input gradient but in the first layer) timed alone, in the faster of two ways: as the
+    GEMMs of im2col (torch.mm, torch's BLAS) and as oneDNN's convolutions (channels-last, what torch runs for
+    Conv2d on a CPU). Returns (seconds, seconds with GEMMs only)."""
+    # (in channels, input size, out channels, kernel, stride) of conv1..3 and of the 3136 -> 512 layer (a 7x7
+    # convolution over the 7x7 map); then the two heads, which are GEMMs either way
+    convs = [(4, 84, 32, 8, 4), (32, 20, 64, 4, 2), (64, 9, 64, 3, 1), (64, 7, 512, 7, 1)]
+    total = gemms_only = 0.0
+    for i, (cin, size, cout, k, stride) in enumerate(convs):
+        out, first = (size - k) // stride + 1, i == 0
+        rows, inner = batch * out * out, cin * k * k  # im2col: (rows, inner) x (inner, cout)
+        a, w, g = torch.randn(rows, inner), torch.randn(inner, cout), torch.randn(rows, cout)
+        gemm = (
+            best_of(functools.partial(torch.mm, a, w), 5, 3),
+            best_of(functools.partial(torch.mm, a.t(), g), 5, 3),
+        )
+        gemm += () if first else (best_of(functools.partial(torch.mm, g, w.t()), 5, 3),)  # forward, dW, dX
+        cl = torch.channels_last
+        x = torch.randn(batch, cin, size, size).contiguous(memory_format=cl)
+        weight = torch.randn(cout, cin, k, k).contiguous(memory_format=cl)
+        grad = torch.randn(batch, cout, out, out).contiguous(memory_format=cl)
+        forward = functools.partial(torch.nn.functional.conv2d, x, weight, None, stride)
+        backward = functools.partial(
+            torch.ops.aten.convolution_backward, grad, x, weight, None,
+            (stride, stride), (0, 0), (1, 1), False, (0, 0), 1, (not first, True, False),
+        )  # fmt: skip
+        conv = best_of(forward, 5, 3), best_of(backward, 5, 3)
+        total += min(gemm[0], conv[0]) + min(sum(gemm[1:]), conv[1])
+        gemms_only += sum(gemm)
+    for n in (ACTIONS, 1):
+        a, w, g = torch.randn(batch, 512), torch.randn(512, n), torch.randn(batch, n)
+        heads = sum(
+            best_of(functools.partial(torch.mm, x, y), 5, 3) for x, y in ((a, w), (a.t(), g), (g, w.t()))
+        )
+        total, gemms_only = total + heads, gemms_only + heads
+    return total, gemms_only
 
 
 def best_of(f, reps, warmup):
@@ -145,16 +167,17 @@ def main():
     pa = ppo_atari.Args()
 
     ours = ppo_atari.Agent(obs_space, gym.spaces.Discrete(ACTIONS))
-    ours_opt = torch.optim.Adam(ours.parameters(), lr=pa.learning_rate, eps=1e-5, fused=True)
+    flat = ppo_atari.flatten_parameters(ours)  # as ppo_atari.py's update: one tensor, fused Adam, one clip
+    ours_opt = torch.optim.Adam([flat], lr=pa.learning_rate, eps=1e-5, fused=True)
 
     def ours_step():
         _, newlogprob, entropy, newvalue = ours.get_action_and_value(frames, actions)
         loss, _ = ppo_atari.ppo_loss(
             newlogprob, old_logprob, adv, newvalue, old_value, ret, entropy, valid, pa
         )
-        ours_opt.zero_grad()
+        flat.grad.zero_()
         loss.backward()
-        nn.utils.clip_grad_norm_(ours.parameters(), pa.max_grad_norm)
+        nn.utils.clip_grad_norm_(flat, pa.max_grad_norm)
         ours_opt.step()
 
     envs = type("Envs", (), {"single_action_space": gym.spaces.Discrete(ACTIONS)})()
@@ -195,7 +218,7 @@ def main():
             for _ in range(args.steps):
                 f()
             times[name].append((time.perf_counter() - start) / args.steps)
-    ideal = peak_gemms(MINIBATCH)
+    ideal, gemms_only = peak_layers(MINIBATCH)
     big = torch.randn(2048, 2048)
     sgemm = 2 * 2048**3 / best_of(lambda: big @ big, 5, 2)
 
@@ -214,6 +237,7 @@ def main():
         "gflops": {k: round(r / 1e9, 1) for k, r in rate.items()},
         "peak_same_shapes_gflops": round(flops / ideal / 1e9, 1),
         "peak_ms_same_shapes": round(ideal * 1e3, 1),
+        "gemms_only_same_shapes_gflops": round(flops / gemms_only / 1e9, 1),
         "sgemm_2048_gflops": round(sgemm / 1e9, 1),
         "ours_over_cleanrl": round(seconds["cleanrl"] / seconds["ours"], 2),
         "peak_over_cleanrl": round(seconds["cleanrl"] / ideal, 2),

@@ -259,7 +259,9 @@ def test_autoreset_steps_never_enter_the_loss(run_dir, monkeypatch):
     real_gav, real_loss = ppo.Agent.get_action_and_value, ppo.ppo_loss
 
     def spy_gav(self, x, action=None):
-        if action is not None:  # the update's call; the rollout samples through get_action
+        if (
+            torch.is_grad_enabled()
+        ):  # the update's call (the rollout's and the batched pass after it: no grad)
             seen_obs.append(x[:, 0].clone())
         return real_gav(self, x, action)
 

@@ -78,7 +78,7 @@ def test_flat_parameters_keep_the_channels_last_layout():
         expected = agent.get_action_and_value(x, torch.zeros(3, dtype=torch.long))
     flat = ppo_atari.flatten_parameters(agent)
     convs = [p for p in agent.parameters() if p.dim() == 4]
-    assert len(convs) == 3 and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert len(convs) == 4 and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     assert all(p.grad.stride() == p.stride() for p in agent.parameters())
     for name, p in agent.named_parameters():
         assert torch.equal(p, before[name]), name
@@ -86,6 +86,19 @@ def test_flat_parameters_keep_the_channels_last_layout():
     with torch.no_grad():
         got = agent.get_action_and_value(x, torch.zeros(3, dtype=torch.long))
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_the_3136_to_512_layer_is_the_convolution_it_equals():
+    """The Nature CNN's fully connected layer, written as a 7x7 convolution over the 7x7 map: it computes
+    nn.Linear's function with the weight flattened in (channel, row, column) order, nn.Flatten's, and starts
+    orthogonal over its 3136 inputs with gain sqrt(2), as layer_init makes a Linear."""
+    torch.manual_seed(0)
+    conv = ppo_atari.Agent(FRAMES, gym.spaces.Discrete(4)).network[6]
+    weight = conv.weight.reshape(512, 64 * 7 * 7)
+    assert torch.allclose(weight @ weight.T, 2 * torch.eye(512), atol=1e-4)
+    x = torch.randn(5, 64, 7, 7).contiguous(memory_format=torch.channels_last)
+    linear = torch.nn.functional.linear(x.flatten(1), weight, conv.bias)
+    assert torch.allclose(conv(x).flatten(1), linear, atol=1e-5)
 
 
 def test_shared_trunk_acting_agrees_with_the_update():

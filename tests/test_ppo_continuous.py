@@ -67,12 +67,14 @@ def test_gaussian_policy_matches_torch_normal():
     with torch.no_grad():
         agent.actor_logstd.copy_(torch.tensor([[0.3, -0.5, 0.0]]))
     x = torch.randn(6, 4) * 3
+    torch.manual_seed(0)
     action, logprob, value = agent.get_action(x)
-    assert value is None  # the critic is separate: values come batched after the rollout
+    assert logprob is None and value is None  # both come batched after the rollout
     ref = Normal(agent.actor_mean(agent.normalize(x)), agent.actor_logstd.exp())
+    torch.manual_seed(0)
+    assert torch.allclose(action, ref.sample(), atol=1e-6)  # the same draw: mean + std * N(0, 1)
+    _, logprob, entropy, _ = agent.get_action_and_value(x, action)
     assert torch.allclose(logprob, ref.log_prob(action).sum(-1), atol=1e-5)
-    _, logprob2, entropy, _ = agent.get_action_and_value(x, action)
-    assert torch.allclose(logprob2, logprob, atol=1e-5)
     assert torch.allclose(entropy, ref.entropy().sum(-1), atol=1e-5)
     assert torch.equal(agent.greedy_action(x), ref.mean)
 
@@ -136,7 +138,9 @@ def test_smoke_outputs_metrics_and_normalisation_in_checkpoint(env_id, backend, 
     assert not missing, missing
     assert len(scalars["losses/policy_loss"]) == 2  # 3 iterations: the first only measures observations
     ckpt = torch.load(f"{summary['run_dir']}/checkpoint.pt", weights_only=True)
-    assert ckpt["agent"]["norm_obs"].item()
+    assert ckpt["args"]["norm_obs"]  # (the Agent is built from the stored args on --resume and evaluation)
+    rms = {k.split(".")[1]: v for k, v in ckpt["agent"].items() if k.startswith("obs_rms.")}
+    assert torch.equal(rms["std"], torch.sqrt(rms["var"] + 1e-8))  # normalize()'s std, kept with the var
     # the statistics the last update used (2 iterations x 2 envs x 128 steps), and those of every step
     assert ckpt["agent"]["obs_rms.count"].item() == 512 and ckpt["agent"]["obs_rms_next.count"].item() == 768
     assert ckpt["reward_scaler"]["rms"]["count"].item() > 0
