@@ -286,6 +286,12 @@ class Agent(nn.Module):
         )
         self.actor_logstd = nn.Parameter(torch.zeros(1, act_dim))
 
+    def get_extra_state(self):  # saved with the weights: whatever loads them normalises as training did
+        return {"norm_obs": self.norm_obs}
+
+    def set_extra_state(self, state):
+        self.norm_obs = state["norm_obs"]
+
     def normalize(self, x):
         """(x - mean) / std, clipped, with obs_rms: the statistics before this iteration (obs_rms_next: all)."""
         z = ((x - self.obs_rms.mean) / self.obs_rms.std).clamp(-self.obs_clip, self.obs_clip)
@@ -533,8 +539,8 @@ def train(args: Args, run):
 
         # ---- advantages ----
         with torch.no_grad():
-            # log pi_old(a|s) and V(s) of every stored step in one batched pass (num_steps times fewer calls)
-            _, logprobs, _, values = agent.get_action_and_value(obs, actions)
+            # log pi_old(a|s) and V(s) of every step, in one batched pass (eager, also with --compile)
+            _, logprobs, _, values = Agent.get_action_and_value(agent, obs, actions)
             next_value = agent.get_value(next_obs)
             # obs[t + 1] is the observation returned by step t: with next-step autoreset it is the true
             # next state, the final observation when step t ended an episode.
@@ -617,9 +623,9 @@ def train(args: Args, run):
 
 
 # ============================================ RUN HARNESS ============================================
-# No reinforcement learning below this line, and the same bytes in every script (a test compares them):
-# checks, seeds, checkpoints, logs, stop signals and the JSON summary line, as docs/conventions.md says.
+# No RL below: checks, seeds, checkpoints, logs, signals, the JSON summary; the same bytes in every script.
 import argparse
+import ctypes
 import difflib
 import importlib
 import json
@@ -634,7 +640,7 @@ from dataclasses import fields
 import tyro
 
 SCRIPT = os.path.basename(__file__)
-CHECKPOINT = {"format": "rl-scripts checkpoint v3", "script": SCRIPT}  # and what save_checkpoint() adds
+CHECKPOINT = {"format": "rl-scripts checkpoint v4", "script": SCRIPT}  # and what save_checkpoint() adds
 RULES = [  # (what the value must be, its test, the fields; each script has some of them): finite numbers
     ("≥ 1", lambda v: 1 <= v < np.inf, "num_envs num_steps num_minibatches update_epochs value_epochs"),
     ("≥ 1", lambda v: 1 <= v < np.inf, "torch_threads save_interval total_timesteps batch_size"),
@@ -689,12 +695,12 @@ class Run:  # train()'s calls first, then the internals (ppo_atari_multigpu.py's
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # videos render off-screen, with no display
         warnings.filterwarnings("ignore", "pkg_resources is deprecated")  # moviepy's ffmpeg helper, on import
         self.checkpoint = ckpt = load_checkpoint(p) if (p := args.resume or args.eval_checkpoint) else {}
-        self.cpu_core = None  # --pin-cpu: this and later threads on this core, if one torch thread (two spin)
-        if args.pin_cpu and not cuda and args.torch_threads == 1 and sys.platform == "linux":
-            with open("/proc/thread-self/stat") as f:  # field 39 of proc(5): the CPU it last ran on
-                self.cpu_core = int(f.read().rsplit(")", 1)[1].split()[36])
-            os.sched_setaffinity(0, {self.cpu_core})
-        self.device = torch.device("cuda" if cuda else "cpu")
+        self.cpu_core, self.device = None, torch.device("cuda" if cuda else "cpu")
+        if sys.platform == "linux":  # keep up to 1 GiB of freed memory: big tensors are not faulted in anew
+            (libc := ctypes.CDLL(None)).mallopt(-2, 1 << 30)  # glibc's M_TOP_PAD (docs/results.md, Speed)
+            if args.pin_cpu and not cuda and args.torch_threads == 1:  # --pin-cpu (two threads would spin)
+                self.cpu_core = libc.sched_getcpu()  # this and every later thread stay on the core it runs on
+                os.sched_setaffinity(0, {self.cpu_core})
         torch.set_num_threads(args.torch_threads)
         torch.backends.cudnn.deterministic = args.torch_deterministic
         self.global_step, self.iteration = ckpt.get("global_step", 0), ckpt.get("iteration", 0)

@@ -79,6 +79,20 @@ def test_gaussian_policy_matches_torch_normal():
     assert torch.equal(agent.greedy_action(x), ref.mean)
 
 
+def test_whether_to_normalise_is_loaded_with_the_weights():
+    """An agent built with another norm_obs (a --no-norm-obs flag beside --eval-checkpoint, a probe check)
+    takes the checkpoint's: the weights were trained on the inputs it says."""
+    import gymnasium as gym
+
+    spaces = gym.spaces.Box(-50, 50, (2,)), gym.spaces.Box(-1, 1, (1,))
+    trained = pc.Agent(*spaces, norm_obs=True)
+    trained.obs_rms.update(torch.randn(100, 2) * 20 + 5)
+    loaded = pc.Agent(*spaces, norm_obs=False)
+    loaded.load_state_dict(trained.state_dict())
+    x = torch.randn(4, 2) * 20
+    assert loaded.norm_obs and torch.equal(loaded.normalize(x), trained.normalize(x))
+
+
 def test_no_norm_obs_passes_observations_through():
     import gymnasium as gym
 
@@ -138,7 +152,7 @@ def test_smoke_outputs_metrics_and_normalisation_in_checkpoint(env_id, backend, 
     assert not missing, missing
     assert len(scalars["losses/policy_loss"]) == 2  # 3 iterations: the first only measures observations
     ckpt = torch.load(f"{summary['run_dir']}/checkpoint.pt", weights_only=True)
-    assert ckpt["args"]["norm_obs"]  # (the Agent is built from the stored args on --resume and evaluation)
+    assert ckpt["agent"]["_extra_state"] == {"norm_obs": True}  # travels with the weights (test below)
     rms = {k.split(".")[1]: v for k, v in ckpt["agent"].items() if k.startswith("obs_rms.")}
     assert torch.equal(rms["std"], torch.sqrt(rms["var"] + 1e-8))  # normalize()'s std, kept with the var
     # the statistics the last update used (2 iterations x 2 envs x 128 steps), and those of every step
