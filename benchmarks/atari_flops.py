@@ -2,7 +2,7 @@
 
     python benchmarks/atari_flops.py [--venv DIR]   # about 2 min; writes benchmarks/atari_flops.json
 
-vs_cleanrl.py's Breakout workload spends 71-77% of either side's loop in the update (profile_breakdown.py),
+vs_cleanrl.py's Breakout workload spends about 80% of either side's loop in the update (profile_breakdown.py),
 whose cost is the Nature CNN's forward and backward on minibatches of 256 frames (8 envs x 128 steps / 4).
 This script times one minibatch step (forward, PPO loss, backward, gradient clip, Adam) of each side on one
 core with one torch thread, alternating A B A B, and counts its floating-point operations from the layers'
