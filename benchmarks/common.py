@@ -14,7 +14,8 @@ from tests.conftest import read_scalars  # noqa: E402  (reads TensorBoard event 
 
 def pin_to_current_core() -> int:
     """This thread, and every thread it starts later (envpool's workers), on the core it runs on now: what
-    the scripts' --pin-cpu does (field 39 of /proc/thread-self/stat, see proc(5), is that core)."""
+    the scripts' --pin-cpu does (they ask glibc's sched_getcpu(); field 39 of /proc/thread-self/stat, see
+    proc(5), is the same core)."""
     with open("/proc/thread-self/stat") as f:
         core = int(f.read().rsplit(")", 1)[1].split()[36])
     os.sched_setaffinity(0, {core})
